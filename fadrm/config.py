@@ -1,0 +1,407 @@
+"""One validated configuration: ``params.yaml`` (+ a preset, + ``-S key=value`` overrides).
+
+Resolution order, later wins::
+
+    field defaults  <  params.yaml  <  preset  <  -S overrides
+
+A preset is a named bundle of overrides stored as data in ``fadrm/presets/<name>.yaml``;
+it is chosen with ``--preset NAME`` or the ``preset:`` key of ``params.yaml`` (so that
+``dvc exp run -S preset=smoke`` works too). Every section is a frozen pydantic model that
+rejects unknown keys, so a typo such as ``squeeze.epoch`` fails loudly, naming the valid keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fadrm.errors import ConfigError
+
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+Method = Literal["fadrm", "fadrm+", "sre2l", "rded", "random"]
+Pair = tuple[float, float]
+
+
+class Section(BaseModel):
+    """Base for every config section: frozen, typed, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    """Where the raw dataset comes from and how it is prepared."""
+
+    source: Literal["builtin", "imagefolder", "tar", "torchvision"] = "builtin"
+    path: str | None = Field(None, description="ImageFolder root, archive, or torchvision root")
+    name: str = Field("cifar10", description="dataset facts key (fadrm.data.facts) or a free name")
+    test_split: Literal["auto", "val", "test"] = "auto"
+    resolution: int | None = Field(None, ge=8, description="image side; None: from the facts table")
+    cache: Literal["auto", "on", "off"] = Field("auto", description="uint8 cache; auto: <= 64 px")
+    download: bool = Field(False, description="torchvision source: download when not present")
+    workers: int = Field(0, ge=0, description="DataLoader workers for file-backed datasets")
+    train_per_class: int | None = Field(None, ge=1, description="keep the first N training images per class")
+    test_per_class: int | None = Field(None, ge=1, description="keep the first N test images per class")
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value):
+        # YAML 1.1 reads a bare on/off as a boolean
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
+class TeacherConfig(Section):
+    """One teacher: an architecture and where its weights come from."""
+
+    arch: str = "convnet"
+    weights: str | None = Field(
+        None, description="None: train it; 'pretrained': timm weights (network); else a file path"
+    )
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        from fadrm.models import check_arch
+
+        check_arch(value)
+        return value
+
+
+class SqueezeConfig(Section):
+    """Teacher training (SGD, warmup + cosine, label smoothing, crop + flip)."""
+
+    teachers: tuple[TeacherConfig, ...] = (TeacherConfig(),)
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    warmup_epochs: float = Field(1.0, ge=0)
+    crop_padding: int = Field(4, ge=0, description="random-crop padding (cached small images)")
+    precision: Precision = "auto"
+    channels_last: bool = True
+    eval_every: int = Field(0, ge=0, description="test every N epochs (0: only at the end)")
+
+    @field_validator("teachers")
+    @classmethod
+    def _non_empty(cls, value: tuple[TeacherConfig, ...]) -> tuple[TeacherConfig, ...]:
+        if not value:
+            raise ValueError("at least one teacher is required")
+        return value
+
+
+class SelectConfig(Section):
+    """Real-patch initialisation (RDED): candidates, crops, stitching factor."""
+
+    candidates: int = Field(300, ge=1, description="real images drawn per class")
+    crops_per_image: int = Field(5, ge=1)
+    factor: int | None = Field(None, ge=1, description="patches per side; None: 2 at >=128 px, else 1")
+    crop_scale: Pair = (0.08, 1.0)
+    batch_size: int = Field(500, ge=1, description="crops scored per teacher forward")
+
+
+class RecoverConfig(Section):
+    """Data residual matching: BN statistics + CE, residual merges, multi-resolution."""
+
+    schedule: tuple[tuple[int, int], ...] | None = Field(
+        None, description="((resolution, iterations), ...); None: 4 x 500 at the dataset resolution"
+    )
+    lr: float = Field(0.25, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1, description="residual merge weight of the optimised image")
+    ce_weight: float = Field(1.0, ge=0)
+    bn_weight: float = Field(0.01, ge=0, description="lambda_bn")
+    first_bn_weight: float = Field(10.0, ge=0, description="w_1, the first BN layer's weight")
+    batch_size: int = Field(100, ge=1)
+    jitter: int | None = Field(None, ge=0, description="circular shift; None: 4 below 128 px, else 32")
+    crop_scale: Pair = (0.08, 1.0)
+    precision: Precision = "auto"
+    log_every: int = Field(10, ge=1, description="record the loss every N iterations")
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: tuple[tuple[int, int], ...] | None):
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("schedule must list at least one (resolution, iterations) pair")
+        for res, iters in value:
+            if res < 8 or iters < 0:
+                raise ValueError(f"bad schedule entry ({res}, {iters}): resolution >= 8, iterations >= 0")
+        return value
+
+
+class RelabelConfig(Section):
+    """FKD-style soft labels for recorded augmented views."""
+
+    mode: Literal["stored", "online"] = "stored"
+    epochs: int = Field(300, ge=1, description="epochs of views (evaluation cycles through them)")
+    batch_size: int = Field(100, ge=1, description="views rendered (and CutMix-ed) together")
+    crop_scale: Pair = (0.08, 1.0)
+    cutmix: bool = True
+    precision: Precision = "auto"
+
+
+class EvaluateConfig(Section):
+    """Student training on the distilled set and test on the real split."""
+
+    student: str = "convnet"
+    epochs: int = Field(300, ge=1)
+    batch_size: int = Field(50, ge=1, description="micro-batch")
+    accumulate: int = Field(1, ge=1, description="micro-batches per optimiser step")
+    lr: float = Field(0.001, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    temperature: float = Field(4.0, gt=0)
+    final_lr_fraction: float = Field(0.0, ge=0, le=1, description="cosine ends at lr * this")
+    labels: Literal["soft", "hard"] = "soft"
+    eval_every: int = Field(25, ge=1, description="test every N epochs (and after the last)")
+    test_batch_size: int = Field(500, ge=1)
+    precision: Precision = "auto"
+
+    @field_validator("student")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        from fadrm.models import check_arch
+
+        check_arch(value)
+        return value
+
+
+class TrackingConfig(Section):
+    """Experiment tracking (MLflow). The core never imports MLflow; see fadrm.tracking."""
+
+    enabled: bool = True
+    uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    experiment: str = "fadrm"
+    on_unreachable: Literal["fail", "continue"] = "fail"
+    log_every: int = Field(10, ge=1, description="log loop metrics every N steps/epochs")
+
+
+class RegressionConfig(Section):
+    """Scheduled regression checks: which metrics, which tolerances, which baseline."""
+
+    baseline: str = Field("benchmarks/baselines/smoke.json", description="file or mlflow:<run id|tag>")
+    preset: str = "smoke"
+    tolerances: dict[str, float] = Field(
+        default_factory=lambda: {"student_top1": 0.05, "teacher_top1": 0.05},
+        description="metric -> largest allowed drop (absolute)",
+    )
+
+
+class Config(Section):
+    """The whole, resolved configuration."""
+
+    preset: str | None = None
+    seed: int = 0
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+    out_dir: str = "outputs"
+    method: Method = "fadrm"
+    ipc: int = Field(10, ge=1, description="synthetic images per class")
+    data: DataConfig = DataConfig()
+    squeeze: SqueezeConfig = SqueezeConfig()
+    select: SelectConfig = SelectConfig()
+    recover: RecoverConfig = RecoverConfig()
+    relabel: RelabelConfig = RelabelConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    regression: RegressionConfig = RegressionConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        source, path = self.data.source, self.data.path
+        if source in ("imagefolder", "tar") and not path:
+            raise ValueError(f"data.path is required when data.source is '{source}'")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def sections(self, names: tuple[str, ...]) -> dict[str, Any]:
+        full = self.to_dict()
+        return {name: full[name] for name in names}
+
+
+# Sections each stage reads. The stage fingerprint, the per-stage resolved config and the
+# `params:` lists of dvc.yaml all come from this one table (a test keeps dvc.yaml in sync).
+STAGE_PARAMS: dict[str, tuple[str, ...]] = {
+    "prepare": ("preset", "data"),
+    "squeeze": ("preset", "seed", "squeeze"),
+    "select": ("preset", "seed", "method", "ipc", "select"),
+    "recover": ("preset", "seed", "method", "recover"),
+    "relabel": ("preset", "seed", "relabel"),
+    "evaluate": ("preset", "seed", "evaluate"),
+}
+
+
+def fingerprint(payload: Any) -> str:
+    """Stable sha256 of a JSON-able value."""
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def available_presets() -> list[str]:
+    folder = resources.files("fadrm") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_preset(name: str) -> dict[str, Any]:
+    path = resources.files("fadrm") / "presets" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset '{name}'; available: {', '.join(available_presets())}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset '{name}' is not a mapping")
+    return data
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``top`` into a copy of ``base``; nested mappings merge, everything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'recover.alpha=0.7'`` -> (['recover', 'alpha'], 0.7); values are parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' is not of the form key.path=value (e.g. squeeze.epochs=5)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc.problem})") from None
+    return key.split("."), value
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any, text: str) -> None:
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, text)]
+            continue
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, (dict, list)):
+            where = ".".join(path[: i + 1])
+            raise ConfigError(f"override '{text}': '{where}' is a value, not a section")
+    last = path[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, text)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, part: str, text: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override '{text}': '{part}' is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def _defaults_with_lists() -> dict[str, Any]:
+    """Defaults as plain data, so overrides can index into default lists (teachers.0.arch)."""
+    return Config.model_construct().model_dump(mode="json")
+
+
+def load_config(
+    params: str | Path | None = "params.yaml",
+    preset: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    params_required: bool = False,
+) -> Config:
+    """Read ``params`` (if it exists), apply ``preset`` and ``overrides``, validate.
+
+    A missing ``params`` file is an error only when ``params_required`` (the user named it).
+    """
+    data: dict[str, Any] = {}
+    if params is not None:
+        path = Path(params)
+        if path.is_file():
+            try:
+                loaded = yaml.safe_load(path.read_text())
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            if loaded is not None and not isinstance(loaded, dict):
+                raise ConfigError(f"{path}: top level must be a mapping of sections")
+            data = loaded or {}
+        elif params_required:
+            raise ConfigError(f"params file not found: {path}")
+    parsed = [(text, *parse_override(text)) for text in overrides]
+    # --preset beats the file's preset key, and an override of `preset` beats both.
+    chosen = preset or data.get("preset")
+    for text, keys, value in parsed:
+        if keys == ["preset"]:
+            chosen = value
+    if chosen:
+        data = deep_merge(data, read_preset(str(chosen)))
+        data["preset"] = str(chosen)
+    merged = deep_merge(_defaults_with_lists(), data)
+    for text, keys, value in parsed:
+        apply_override(merged, keys, value, text)
+    return validate(merged)
+
+
+def validate(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        where = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            parent, key = loc[:-1], loc[-1]
+            valid = _valid_keys(parent)
+            hint = difflib.get_close_matches(key, valid, n=1)
+            msg = f"unknown key '{where}'"
+            if hint:
+                msg += f" — did you mean '{'.'.join(parent + [hint[0]])}'?"
+            msg += f" Valid keys{' in ' + repr('.'.join(parent)) if parent else ''}: {', '.join(valid)}"
+            lines.append(msg)
+        else:
+            got = err.get("input")
+            shown = f" (got {got!r})" if not isinstance(got, dict) else ""
+            lines.append(f"'{where}': {err['msg']}{shown}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _valid_keys(parent: list[str]) -> list[str]:
+    model: Any = Config
+    for part in parent:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", (annotation,))
+        model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def dump_yaml(cfg: Config | dict[str, Any]) -> str:
+    data = cfg.to_dict() if isinstance(cfg, Config) else cfg
+    return yaml.safe_dump(data, sort_keys=False)

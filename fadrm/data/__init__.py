@@ -1,0 +1,1 @@
+"""Datasets: facts table, raw sources, the prepared (validated, hashed, cached) form."""

@@ -1,0 +1,52 @@
+"""One table of per-dataset facts, and the resolution-dependent defaults of the method.
+
+Unknown dataset names are fine (a user's own ImageFolder): prepare then measures the
+channel mean/std on the training split and needs ``data.resolution``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    num_classes: int
+    resolution: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+FACTS: dict[str, DatasetFacts] = {
+    "cifar10": DatasetFacts(10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": DatasetFacts(100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "tiny-imagenet": DatasetFacts(200, 64, (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)),
+    "imagenette": DatasetFacts(10, 224, IMAGENET_MEAN, IMAGENET_STD),
+    "imagenet-1k": DatasetFacts(1000, 224, IMAGENET_MEAN, IMAGENET_STD),
+}
+
+# FADRM.md: small sets (32-64 px) use no stitching, jitter 4 and a constant resolution;
+# 224-px sets stitch 2x2 patches, jitter 32 and alternate 200/224 px.
+SMALL = 64
+
+
+def default_factor(resolution: int) -> int:
+    return 1 if resolution <= SMALL else 2
+
+
+def default_jitter(resolution: int) -> int:
+    return 4 if resolution <= SMALL else 32
+
+
+def default_schedule(resolution: int, iterations: int = 500) -> tuple[tuple[int, int], ...]:
+    if resolution <= SMALL:
+        return ((resolution, iterations),) * 4
+    low = round(resolution * 200 / 224)
+    return ((low, iterations), (resolution, iterations)) * 2
+
+
+def use_cache(mode: str, resolution: int) -> bool:
+    return mode == "on" or (mode == "auto" and resolution <= SMALL)

@@ -1,0 +1,198 @@
+"""What every stage shares: where outputs live, what each needs, how a run is recorded.
+
+Layout under ``out_dir`` (each stage folder is one DVC output)::
+
+    prepare/ squeeze/ select/ recover/ relabel/ evaluate/    stage outputs
+    metrics/<stage>.json                                      per-stage figures (dvc metrics)
+    plots/<name>.json                                         curves (dvc plots)
+    metrics.json                                              the run summary
+
+A stage function opens :func:`stage_run`, writes into ``run.dir`` (a temporary folder) and
+fills ``run.metrics``; on success the folder is renamed into place with ``stage.json``
+(fingerprint, params) and the figures are written and reported to the tracker. On failure
+nothing half-written is left where the output belongs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fadrm import __version__
+from fadrm.config import STAGE_PARAMS, Config, dump_yaml, fingerprint
+from fadrm.device import resolve_device
+from fadrm.efficiency import StageMeter
+from fadrm.errors import MissingInputError
+from fadrm.io import STAGE_RECORD, atomic_dir, read_json, write_json
+from fadrm.tracker import NULL_TRACKER, Tracker, flatten
+
+STAGE_ORDER = ("prepare", "squeeze", "select", "recover", "relabel", "evaluate")
+
+# Which earlier stages' outputs each stage reads.
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "prepare": (),
+    "squeeze": ("prepare",),
+    "select": ("prepare", "squeeze"),
+    "recover": ("prepare", "squeeze", "select"),
+    "relabel": ("prepare", "squeeze", "recover"),
+    "evaluate": ("prepare", "squeeze", "recover", "relabel"),
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths of a pipeline's outputs under one root folder."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, cfg: Config) -> Layout:
+        return cls(Path(cfg.out_dir))
+
+    def stage(self, name: str) -> Path:
+        return self.root / name
+
+    def metrics(self, name: str) -> Path:
+        return self.root / "metrics" / f"{name}.json"
+
+    def plot(self, name: str) -> Path:
+        return self.root / "plots" / f"{name}.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "metrics.json"
+
+    def partial(self, name: str) -> Path:
+        """Where a long stage keeps finished pieces of work so that a rerun resumes."""
+        return self.root / f".{name}.partial"
+
+
+def stage_record(layout: Layout, name: str) -> dict[str, Any] | None:
+    path = layout.stage(name) / STAGE_RECORD
+    return read_json(path) if path.is_file() else None
+
+
+def require(layout: Layout, stage: str, needed_by: str) -> dict[str, Any]:
+    record = stage_record(layout, stage)
+    if record is None:
+        raise MissingInputError(
+            f"'{needed_by}' needs the output of '{stage}' in {layout.stage(stage)}, which is missing; "
+            f"run `fadrm {stage}` first (or `fadrm run` for the whole pipeline)"
+        )
+    return record
+
+
+@functools.cache
+def code_hash() -> str:
+    """Hash of the package's source, so that changed code makes earlier outputs stale."""
+    root = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def stage_fingerprint(name: str, cfg: Config, layout: Layout) -> str:
+    """Hash of what determines a stage's output: params, inputs' fingerprints, the code."""
+    inputs = {dep: require(layout, dep, name)["fingerprint"] for dep in STAGE_INPUTS[name]}
+    return fingerprint(
+        {"stage": name, "params": cfg.sections(STAGE_PARAMS[name]), "inputs": inputs, "code": code_hash()}
+    )
+
+
+def is_current(name: str, cfg: Config, layout: Layout) -> bool:
+    """True when the stage's output exists and was made from the same params and inputs."""
+    record = stage_record(layout, name)
+    if record is None:
+        return False
+    try:
+        return record["fingerprint"] == stage_fingerprint(name, cfg, layout)
+    except MissingInputError:
+        return False
+
+
+@dataclass
+class StageRun:
+    """Handed to a stage body: where to write, where to put figures, which device."""
+
+    name: str
+    cfg: Config
+    layout: Layout
+    dir: Path
+    device: torch.device
+    tracker: Tracker
+    metrics: dict[str, Any] = field(default_factory=dict)
+    plots: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    artifacts: list[str] = field(default_factory=list)  # files in the output folder to log
+
+    def input(self, stage: str) -> Path:
+        return self.layout.stage(stage)
+
+
+@contextlib.contextmanager
+def stage_run(name: str, cfg: Config, tracker: Tracker = NULL_TRACKER) -> Iterator[StageRun]:
+    """Run a stage body with its inputs checked, its cost measured and its output atomic."""
+    layout = Layout.of(cfg)
+    fp = stage_fingerprint(name, cfg, layout)
+    inputs = {dep: stage_record(layout, dep)["fingerprint"] for dep in STAGE_INPUTS[name]}
+    params = cfg.sections(STAGE_PARAMS[name])
+    device = resolve_device(cfg.device)
+    tracker.log_params(flatten(params))
+    meter = StageMeter(device)
+    with atomic_dir(layout.stage(name)) as tmp:
+        run = StageRun(name, cfg, layout, tmp, device, tracker)
+        with meter:
+            yield run
+        record = {"stage": name, "fingerprint": fp, "inputs": inputs, "params": params, "fadrm": __version__}
+        write_json(tmp / STAGE_RECORD, record)
+        (tmp / "config.yaml").write_text(dump_yaml(params))
+    run.metrics.update(seconds=round(meter.seconds, 3), peak_mem_mb=round(meter.peak_mb, 1))
+    if "flops" in run.metrics and meter.seconds > 0:
+        run.metrics["flops_per_s"] = run.metrics["flops"] / meter.seconds
+    write_json(layout.metrics(name), run.metrics)
+    for plot, rows in run.plots.items():
+        write_json(layout.plot(plot), rows)
+    tracker.log_metrics({k: v for k, v in flatten(run.metrics).items() if _is_number(v)})
+    final = layout.stage(name)
+    for rel in run.artifacts + ["config.yaml"]:
+        tracker.log_artifact(final / rel)
+    tracker.log_artifact(layout.metrics(name))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def summarize(layout: Layout) -> dict[str, Any]:
+    """Collect every stage's figures into ``<out>/metrics.json`` and the efficiency plot."""
+    stages = {}
+    for name in STAGE_ORDER:
+        path = layout.metrics(name)
+        if path.is_file():
+            stages[name] = read_json(path)
+    get = lambda stage, key: stages.get(stage, {}).get(key)  # noqa: E731
+    summary = {
+        "teacher_top1": get("squeeze", "teacher_top1"),
+        "student_top1": get("evaluate", "top1"),
+        "student_top5": get("evaluate", "top5"),
+        "student_best_top1": get("evaluate", "best_top1"),
+        "recover_s_per_image": get("recover", "s_per_image"),
+        "relabel_bytes_per_image_epoch": get("relabel", "bytes_per_image_epoch"),
+        "total_seconds": round(sum(s.get("seconds", 0.0) for s in stages.values()), 3),
+        "stages": {
+            name: {k: s.get(k) for k in ("seconds", "peak_mem_mb", "flops", "flops_per_s") if k in s}
+            for name, s in stages.items()
+        },
+    }
+    write_json(layout.summary, summary)
+    rows = [{"stage": n, **{k: v for k, v in s.items() if k in ("seconds", "peak_mem_mb")}} for n, s in summary["stages"].items()]
+    write_json(layout.plot("efficiency"), rows)
+    return summary

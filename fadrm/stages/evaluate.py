@@ -1,0 +1,116 @@
+"""Stage 6 — evaluate: train a student from scratch on the distilled set, test on real data.
+
+The student sees the relabel stage's views (replayed, or recomputed online) and learns the
+teachers' soft labels with KL at temperature tau; AdamW (no decay on 1-D parameters),
+cosine schedule per optimiser step, micro-batches with gradient accumulation. The real test
+split gives top-1/top-5 every ``eval_every`` epochs and after the last: final and best are
+reported, with the per-epoch curve in ``plots/evaluate_accuracy.json``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fadrm.config import Config
+from fadrm.data.prepared import Prepared
+from fadrm.device import autocast, grad_scaler, resolve_precision
+from fadrm.distilled import load_set
+from fadrm.engine import accuracy, param_groups, seed_everything, warmup_cosine
+from fadrm.errors import DivergenceError
+from fadrm.losses import soft_kl
+from fadrm.models import create_model
+from fadrm.progress import bar
+from fadrm.stage import stage_run, summarize
+from fadrm.stages.relabel import SoftLabels
+from fadrm.tracker import NULL_TRACKER, Tracker
+from fadrm.visualize import line_plot
+from fadrm.weights import save_weights
+
+
+def evaluate(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
+    """Train and test the student; also writes the run summary. Returns the stage metrics."""
+    ev = cfg.evaluate
+    with stage_run("evaluate", cfg, tracker) as run:
+        device = run.device
+        data = Prepared(run.input("prepare"))
+        images, labels, _ = load_set(run.input("recover"))
+        soft = SoftLabels.open(run.input("relabel"), data, device, run.input("squeeze"), ev.precision)
+        seed_everything(cfg.seed)
+        x01 = images.to(device).float().div_(255)
+        targets = torch.from_numpy(labels).to(device)
+        student = create_model(ev.student, data.num_classes, data.resolution).to(device)
+        precision = resolve_precision(ev.precision, device)
+        optimizer = torch.optim.AdamW(param_groups(student, ev.weight_decay), lr=ev.lr)
+        micro = math.ceil(len(images) / ev.batch_size)
+        steps_per_epoch = math.ceil(micro / ev.accumulate)
+        total = ev.epochs * steps_per_epoch
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_cosine(s, total, 0, ev.final_lr_fraction)
+        )
+        scaler = grad_scaler(device, precision)
+        curve: list[dict] = []
+        best = (0.0, 0.0)
+        progress = bar(ev.epochs, f"evaluate ({ev.student})", unit="epoch")
+        for epoch in range(ev.epochs):
+            student.train()
+            views = soft.views(epoch)
+            running = 0.0
+            for m, start in enumerate(range(0, len(images), ev.batch_size)):
+                pos = np.arange(start, min(start + ev.batch_size, len(images)))
+                x = soft.render(x01, views, pos)
+                with autocast(device, precision):
+                    out = student(x)
+                if ev.labels == "soft":
+                    loss = soft_kl(out, soft.logits(epoch, x01, views, pos), ev.temperature)
+                else:
+                    loss = _mixed_ce(out.float(), targets, views, pos, data.resolution)
+                if not torch.isfinite(loss):
+                    raise DivergenceError(f"evaluate: loss became {loss.item()} in epoch {epoch + 1}; lower evaluate.lr")
+                scaler.scale(loss / ev.accumulate).backward()
+                running += loss.item() * len(pos)
+                if (m + 1) % ev.accumulate == 0 or m + 1 == micro:
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+            row = {"epoch": epoch + 1, "train_loss": running / len(images), "lr": scheduler.get_last_lr()[0]}
+            if (epoch + 1) % ev.eval_every == 0 or epoch + 1 == ev.epochs:
+                top1, top5 = accuracy(student, data.test_batches(ev.test_batch_size, device, cfg.data.workers), precision)
+                row.update(top1=top1, top5=top5)
+                best = max(best, (top1, top5))
+                progress.set_postfix(top1=f"{top1:.3f}", refresh=False)
+            curve.append(row)
+            if (epoch + 1) % cfg.tracking.log_every == 0 or "top1" in row:
+                run.tracker.log_metrics({f"student_{k}": v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+            progress.update()
+        progress.close()
+        save_weights(student, run.dir / "student.safetensors", {
+            "arch": ev.student, "num_classes": data.num_classes, "resolution": data.resolution,
+            "dataset_hash": data.digest, "top1": round(curve[-1]["top1"], 4), "config": cfg.sections(("evaluate",)),
+        })
+        tested = [{k: r[k] for k in ("epoch", "top1", "top5")} for r in curve if "top1" in r]
+        run.plots["evaluate_accuracy"] = tested
+        run.plots["evaluate_loss"] = [{k: r[k] for k in ("epoch", "train_loss", "lr")} for r in curve]
+        line_plot(tested, "epoch", ["top1", "top5"], run.dir / "accuracy.png", f"student {ev.student}: test accuracy")
+        line_plot(curve, "epoch", ["train_loss"], run.dir / "loss.png", f"student {ev.student}: training loss")
+        run.artifacts += ["accuracy.png", "loss.png", "student.json"]
+        run.metrics.update(
+            top1=curve[-1]["top1"], top5=curve[-1]["top5"], best_top1=best[0], best_top5=best[1],
+            student=ev.student, epochs=ev.epochs, labels=ev.labels, label_mode=soft.recipe["mode"],
+            images=len(images),
+        )
+    summarize(run.layout)
+    return run.metrics
+
+
+def _mixed_ce(logits: torch.Tensor, targets: torch.Tensor, views, pos: np.ndarray, size: int) -> torch.Tensor:
+    """Hard-label loss for CutMix-ed views: CE to both labels, weighted by pasted area."""
+    own = targets[torch.from_numpy(views.index[pos]).to(targets.device)]
+    other = targets[torch.from_numpy(views.index[views.partner[pos]]).to(targets.device)]
+    frac = torch.from_numpy(views.mix_fraction(pos, size)).to(logits.device, torch.float32)
+    per = (1 - frac) * F.cross_entropy(logits, own, reduction="none") + frac * F.cross_entropy(logits, other, reduction="none")
+    return per.mean()

@@ -1,0 +1,282 @@
+"""Stage 4 — recover: data residual matching (FADRM), or its SRe2L/RDED/random baselines.
+
+For a batch of initial images P (teacher input space) and their labels y, with teachers
+f_0..f_{M-1} and a schedule ((r_1, B_1), ..., (r_K, B_K)), T = sum B_k::
+
+    x <- resize(P, r_1)
+    for stage k:  fresh Adam(betas=(0.5, 0.9))
+        for each global step t:  lr_t = lr0 (1 + cos(pi t / T)) / 2,  teacher m = t mod M
+            x~ = jitter(flip(random_resized_crop(x, r_k)))
+            L  = ce_weight CE(f_m(x~), y) + lambda_bn sum_l w_l (|mu_l - mu^_l|_2 + |var_l - var^_l|_2)
+            step; clamp x to the valid pixel range
+        if k < K:  x <- alpha resize(x, r_{k+1}) + (1 - alpha) resize(P, r_{k+1})     (residual merge)
+
+Batches are independent and seeded by their index, so finished batches are kept in
+``<out>/.recover.partial`` and a rerun (after a crash or Ctrl-C) resumes from them.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fadrm.augment import recovery_view
+from fadrm.config import Config, RecoverConfig
+from fadrm.data.facts import default_jitter, default_schedule
+from fadrm.data.prepared import Prepared
+from fadrm.device import autocast, grad_scaler, resolve_precision
+from fadrm.distilled import grid_by_class, load_set, save_set, to_uint8
+from fadrm.efficiency import count_flops
+from fadrm.errors import ConfigError, DivergenceError
+from fadrm.losses import BNStatsLoss
+from fadrm.methods import METHODS, MethodSpec
+from fadrm.models import has_batchnorm
+from fadrm.progress import bar
+from fadrm.stage import StageRun, stage_fingerprint, stage_run
+from fadrm.stages.squeeze import load_teachers
+from fadrm.tracker import NULL_TRACKER, Tracker
+from fadrm.visualize import line_plot
+
+Schedule = tuple[tuple[int, int], ...]
+
+
+def recover(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
+    """Optimise the initial images (or pass them through, for rded/random)."""
+    spec = METHODS[cfg.method]
+    with stage_run("recover", cfg, tracker) as run:
+        data = Prepared(run.input("prepare"))
+        init, labels, init_manifest = load_set(run.input("select"))
+        if spec.recover:
+            images, loss_rows, stats = _recover_all(cfg, spec, data, init, labels, run)
+        else:
+            images, loss_rows, stats = init, [], {"iterations": 0, "s_per_image": 0.0}
+        entries = [
+            {"label": e["label"], "class": e["class"], "init": e["file"], "patches": e["patches"]}
+            for e in init_manifest["images"]
+        ]
+        header = {"method": cfg.method, "ipc": init_manifest["ipc"], "resolution": data.resolution,
+                  "classes": data.classes, "dataset_hash": data.digest}
+        save_set(run.dir, images, entries, header)
+        grid_by_class(run.dir / "grid.png", data.classes, [("init", init, labels), ("synthetic", images, labels)])
+        run.plots["recover_loss"] = loss_rows
+        if loss_rows:
+            line_plot(loss_rows, "step", ["loss", "ce", "bn"], run.dir / "loss.png", f"recover ({cfg.method}): loss")
+            run.artifacts.append("loss.png")
+        run.artifacts += ["manifest.json", "grid.png"]
+        run.metrics.update(images=len(entries), **stats)
+    shutil.rmtree(run.layout.partial("recover"), ignore_errors=True)
+    return run.metrics
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+def cosine_lr(step: int, total: int, lr0: float) -> float:
+    """lr_t = lr0 (1 + cos(pi t / T)) / 2 — one schedule across all resolution stages."""
+    return lr0 * (1 + math.cos(math.pi * step / max(total, 1))) / 2
+
+
+def teacher_for_step(step: int, num_teachers: int) -> int:
+    """Round-robin: one teacher per step, in order."""
+    return step % num_teachers
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def residual_merge(x: torch.Tensor, init: torch.Tensor, alpha: float, size: int) -> torch.Tensor:
+    """alpha * resize(x, size) + (1 - alpha) * resize(init, size): pull the optimised images back
+    towards their real initialisation between stages (the data residual)."""
+    return alpha * resize(x, size) + (1 - alpha) * resize(init, size)
+
+
+def resolve_schedule(rc: RecoverConfig, resolution: int, spec: MethodSpec) -> Schedule:
+    schedule = tuple(tuple(p) for p in rc.schedule) if rc.schedule else default_schedule(resolution)
+    if schedule[-1][0] != resolution:
+        raise ConfigError(
+            f"recover.schedule ends at {schedule[-1][0]} px but the dataset is {resolution} px; "
+            f"the last stage must be at {resolution}"
+        )
+    if spec.single_resolution:
+        schedule = ((resolution, sum(iters for _, iters in schedule)),)
+    return schedule
+
+
+@dataclass
+class Teacher:
+    name: str
+    model: nn.Module
+    bn: BNStatsLoss
+
+
+def recover_batch(
+    x_init: torch.Tensor,
+    targets: torch.Tensor,
+    teachers: list[Teacher],
+    schedule: Schedule,
+    rc: RecoverConfig,
+    *,
+    merges: bool,
+    bounds: tuple[torch.Tensor, torch.Tensor],
+    jitter_limit: int,
+    precision: str,
+    rng: np.random.Generator,
+    on_step=None,
+    names: list[str] | None = None,
+) -> tuple[torch.Tensor, list[list[float]]]:
+    """Recover one batch; returns the images (input space, final resolution) and a loss log.
+
+    The log has one row ``[step, loss, ce, bn]`` every ``rc.log_every`` steps.
+    """
+    device = x_init.device
+    total = sum(iters for _, iters in schedule)
+    low, high = (b.to(device) for b in bounds)
+    scaler = grad_scaler(device, precision)
+    x = resize(x_init, schedule[0][0]).detach().clone().requires_grad_(True)
+    log: list[list[float]] = []
+    step = 0
+    for k, (res, iters) in enumerate(schedule):
+        optimizer = torch.optim.Adam([x], lr=rc.lr, betas=(0.5, 0.9))
+        for _ in range(iters):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(step, total, rc.lr)
+            teacher = teachers[teacher_for_step(step, len(teachers))]
+            view = recovery_view(x, res, tuple(rc.crop_scale), jitter_limit, rng)
+            with autocast(device, precision):
+                logits = teacher.model(view)
+            ce = F.cross_entropy(logits.float(), targets)
+            bn = teacher.bn.pop()
+            loss = rc.ce_weight * ce + (rc.bn_weight * bn if bn is not None else 0.0)
+            if not torch.isfinite(loss):
+                who = ", ".join((names or [])[:8])
+                raise DivergenceError(
+                    f"recover: loss became {loss.item()} at iteration {step + 1}/{total} "
+                    f"(stage {k + 1}, {res} px, teacher {teacher.name}) for images [{who}]"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            with torch.no_grad():
+                x.copy_(torch.maximum(torch.minimum(x, high), low))
+            if step % rc.log_every == 0 or step == total - 1:
+                log.append([step, loss.item(), ce.item(), bn.item() if bn is not None else 0.0])
+            step += 1
+            if on_step is not None:
+                on_step()
+        if k + 1 < len(schedule):
+            nxt = schedule[k + 1][0]
+            with torch.no_grad():
+                merged = residual_merge(x, x_init, rc.alpha, nxt) if merges else resize(x, nxt)
+            x = merged.detach().clone().requires_grad_(True)
+    return x.detach(), log
+
+
+# ----------------------------------------------------------------------------- the stage body
+
+
+def _recover_all(cfg: Config, spec: MethodSpec, data: Prepared, init: torch.Tensor, labels: np.ndarray, run: StageRun):
+    rc = cfg.recover
+    device = run.device
+    schedule = resolve_schedule(rc, data.resolution, spec)
+    loaded = load_teachers(run.input("squeeze"), data, device, which="all" if spec.all_teachers else "first")
+    if rc.ce_weight == 0:
+        for name, model in loaded:
+            if not has_batchnorm(model):
+                raise ConfigError(
+                    f"teacher '{name}' has no BatchNorm layers, and with recover.ce_weight=0 BN matching is its "
+                    "only loss; set ce_weight > 0 or drop that teacher"
+                )
+    teachers = [Teacher(name, model, BNStatsLoss(model, rc.first_bn_weight)) for name, model in loaded]
+    precision = "fp32" if spec.fp32 else resolve_precision(rc.precision, device)
+    bounds = (data.normalize(torch.zeros(1, 3, 1, 1)), data.normalize(torch.ones(1, 3, 1, 1)))
+    jitter_limit = rc.jitter if rc.jitter is not None else default_jitter(data.resolution)
+    order = _class_interleaved(labels)
+    batches = [order[s : s + rc.batch_size] for s in range(0, len(order), rc.batch_size)]
+    partial = run.layout.partial("recover") / stage_fingerprint("recover", cfg, run.layout)[:16]
+    partial.mkdir(parents=True, exist_ok=True)
+    total_steps = sum(iters for _, iters in schedule)
+    flops_per_step = _flops_per_step(teachers, schedule, rc.batch_size, data, device, precision)
+    out = torch.empty_like(init)
+    logs: list[torch.Tensor] = []
+    progress = bar(len(batches) * total_steps, f"recover ({cfg.method})", unit="step")
+    busy, fresh = 0.0, 0
+    for b, idx in enumerate(batches):
+        done = partial / f"batch-{b:05d}.pt"
+        if done.is_file():
+            saved = torch.load(done, weights_only=True)
+            progress.update(total_steps)
+        else:
+            names = [f"{data.classes[labels[i]]}#{i}" for i in idx]
+            x_init = data.to_input(init[idx], device)
+            targets = torch.from_numpy(labels[idx]).to(device)
+            rng = np.random.default_rng([cfg.seed, b, 0x2EC0])
+            start = time.perf_counter()
+            x, log = recover_batch(
+                x_init, targets, teachers, schedule, rc, merges=spec.merges, bounds=bounds,
+                jitter_limit=jitter_limit, precision=precision, rng=rng, on_step=progress.update, names=names,
+            )
+            busy += time.perf_counter() - start
+            fresh += len(idx)
+            saved = {"images": to_uint8(data.denormalize(x)), "log": torch.tensor(log, dtype=torch.float64)}
+            torch.save(saved, done.with_suffix(".tmp"))
+            done.with_suffix(".tmp").replace(done)
+        out[idx] = saved["images"]
+        logs.append(saved["log"])
+    progress.close()
+    # The loss curve: mean over batches at every logged step.
+    mean_log = torch.stack(logs).mean(0).tolist()
+    loss_rows = [{"step": int(step), "loss": loss, "ce": ce, "bn": bn} for step, loss, ce, bn in mean_log]
+    for row in loss_rows[:: max(1, len(loss_rows) // 100)]:  # at most ~100 points to the tracker
+        run.tracker.log_metrics({"recover_loss": row["loss"], "recover_ce": row["ce"], "recover_bn": row["bn"]},
+                                step=row["step"])
+    for teacher in teachers:
+        teacher.bn.remove()
+    stats = {
+        "iterations": total_steps,
+        "schedule": [list(p) for p in schedule],
+        "precision": precision,
+        "teachers": [t.name for t in teachers],
+        "s_per_image": round(busy / fresh, 4) if fresh else None,  # None: every batch was resumed
+        "flops": flops_per_step * len(batches),
+    }
+    return out, loss_rows, stats
+
+
+def _class_interleaved(labels: np.ndarray) -> np.ndarray:
+    """Order images so each batch mixes classes: image 0 of every class, then image 1, ..."""
+    rank = np.zeros(len(labels), dtype=np.int64)
+    for label in np.unique(labels):
+        where = np.flatnonzero(labels == label)
+        rank[where] = np.arange(len(where))
+    return np.lexsort((labels, rank))
+
+
+def _flops_per_step(teachers: list[Teacher], schedule: Schedule, batch: int, data: Prepared, device, precision) -> int:
+    """FLOPs of all steps of one batch (forward + backward to the pixels), counted once per shape."""
+    total = 0
+    step = 0
+    for res, iters in schedule:
+        per_teacher = []
+        for teacher in teachers:
+            x = torch.zeros(batch, 3, res, res, device=device, requires_grad=True)
+
+            def one_step(model=teacher.model, x=x):
+                with autocast(device, precision):
+                    model(x).float().sum().backward()
+
+            per_teacher.append(count_flops(one_step))
+            teacher.bn.pop()
+        total += sum(per_teacher[teacher_for_step(s, len(teachers))] for s in range(step, step + iters))
+        step += iters
+    return total

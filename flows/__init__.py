@@ -1,0 +1,1 @@
+"""Prefect flows: the distillation pipeline, scheduled regression checks, deployments."""

@@ -1,0 +1,99 @@
+"""Shared fixtures: quiet, isolated settings; the smoke pipeline run once per session;
+small ImageFolder trees made of real images from the built-in CIFAR-10 subset."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="fadrm-tests-"))
+
+# Set before anything imports prefect or mlflow.
+os.environ.update(
+    {
+        "PREFECT_HOME": str(_SESSION_TMP / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{_SESSION_TMP / 'mlflow.db'}",
+        "DVC_NO_ANALYTICS": "1",
+        "FADRM_PROGRESS": "0",
+        "GIT_AUTHOR_NAME": "fadrm tests",
+        "GIT_AUTHOR_EMAIL": "tests@fadrm.invalid",
+        "GIT_COMMITTER_NAME": "fadrm tests",
+        "GIT_COMMITTER_EMAIL": "tests@fadrm.invalid",
+    }
+)
+os.environ.pop("PREFECT_API_URL", None)
+
+from fadrm.config import load_config  # noqa: E402
+from fadrm.data.sources import builtin_archive  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def smoke_config(out_dir: Path, *overrides: str):
+    """The smoke preset with its outputs in ``out_dir`` (tracking off unless asked)."""
+    return load_config(None, "smoke", [f"out_dir={out_dir}", "tracking.enabled=false", *overrides])
+
+
+@pytest.fixture(scope="session")
+def builtin_tree() -> Path:
+    """The built-in subset extracted once: an ImageFolder root of real CIFAR-10 JPEGs."""
+    dest = _SESSION_TMP / "builtin"
+    if not dest.exists():
+        with tarfile.open(builtin_archive()) as tf:
+            tf.extractall(dest, filter="data")
+    return dest / "cifar10-mini"
+
+
+def make_tree(src: Path, dest: Path, classes: list[str], train: int, test: int, test_name: str = "test") -> Path:
+    """Copy ``train``/``test`` real images per class from ``src`` into a new ImageFolder."""
+    for split, count, target in (("train", train, "train"), ("test", test, test_name)):
+        for name in classes:
+            folder = dest / target / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for path in sorted((src / split / name).iterdir())[:count]:
+                shutil.copy(path, folder / path.name)
+    return dest
+
+
+@pytest.fixture
+def tiny_tree(builtin_tree, tmp_path) -> Path:
+    """3 classes x (8 train, 4 test) real images."""
+    return make_tree(builtin_tree, tmp_path / "tiny", ["airplane", "cat", "ship"], 8, 4)
+
+
+@pytest.fixture(scope="session")
+def smoke_run():
+    """The whole smoke pipeline, run once for the session; returns (config, summary)."""
+    from fadrm.pipeline import run_pipeline
+
+    cfg = smoke_config(_SESSION_TMP / "smoke")
+    return cfg, run_pipeline(cfg)
+
+
+@pytest.fixture
+def smoke_copy(smoke_run, tmp_path):
+    """A private copy of the session's smoke outputs (for tests that rerun or break stages)."""
+    cfg, _ = smoke_run
+    dest = tmp_path / "out"
+    shutil.copytree(cfg.out_dir, dest)
+    return smoke_config(dest)
+
+
+@pytest.fixture
+def shared_archive() -> Path:
+    if not SHARED_ARCHIVE.is_file():
+        pytest.skip("needs ../shared/data/cifar10-jpeg.tar.gz (full CIFAR-10)")
+    return SHARED_ARCHIVE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)

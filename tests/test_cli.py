@@ -1,0 +1,88 @@
+"""The command line through Typer's test runner, and the rule that the core stays free of
+MLflow, Prefect, Typer and DVC."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from fadrm.cli import app
+from fadrm.stage import STAGE_ORDER
+
+runner = CliRunner()
+COMMANDS = [*STAGE_ORDER, "run", "config", "presets", "compare", "check", "deploy", "schedule"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_explains_itself(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    if command != "presets":
+        for option in ("--params", "--set", "--preset"):
+            assert option in result.output
+
+
+def test_top_level_help_lists_the_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.output
+
+
+def test_config_prints_the_resolved_yaml():
+    result = runner.invoke(app, ["config", "--preset", "smoke", "-S", "recover.alpha=0.7"])
+    assert result.exit_code == 0
+    data = yaml.safe_load(result.output)
+    assert data["preset"] == "smoke" and data["recover"]["alpha"] == 0.7 and data["ipc"] == 2
+
+
+def test_presets_are_listed():
+    result = runner.invoke(app, ["presets"])
+    assert {"smoke", "default", "cifar10-cpu", "cifar100", "tiny-imagenet", "imagenet-1k"} <= set(result.output.split())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["squeeze", "-S", "squeeze.epoch=5"], "unknown key 'squeeze.epoch'"),
+        (["prepare", "-S", "data.source=imagefolder", "-S", "data.path=/no/such/dir", "--no-track"], "does not exist"),
+        (["recover", "-S", "out_dir=/no/outputs/here", "--no-track"], "needs the output of 'prepare'"),
+        (["run", "--local", "-p", "/no/params.yaml"], "params file not found"),
+        (["run", "--preset", "fastest"], "unknown preset"),
+    ],
+)
+def test_bad_input_is_one_message_and_exit_2(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_stage_commands_run_the_pipeline(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ["--preset", "smoke", "--no-track", "-S", "squeeze.epochs=1", "-S", "evaluate.epochs=2"]
+    for stage in STAGE_ORDER:
+        result = runner.invoke(app, [stage, *common])
+        assert result.exit_code == 0, result.output
+        assert f"{stage}:" in result.output
+    assert (tmp_path / "outputs" / "metrics.json").is_file()
+    result = runner.invoke(app, ["run", "--local", *common])
+    assert result.exit_code == 0, result.output
+    assert "up to date" in result.output and "student top-1" in result.output
+
+
+def test_core_imports_no_orchestration_or_tracking_library():
+    code = (
+        "import sys, pkgutil, importlib, fadrm\n"
+        "skip = ('fadrm.cli', 'fadrm.tracking')\n"
+        "for m in pkgutil.walk_packages(fadrm.__path__, 'fadrm.'):\n"
+        "    if not m.name.startswith(skip):\n"
+        "        importlib.import_module(m.name)\n"
+        "bad = sorted({n.split('.')[0] for n in sys.modules} & {'mlflow', 'prefect', 'typer', 'dvc'})\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

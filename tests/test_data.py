@@ -1,0 +1,184 @@
+import csv
+import io
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fadrm.data.prepared import Prepared
+from fadrm.data.sources import check_member, safe_extract
+from fadrm.errors import DataError, UnsafeArchiveError
+from fadrm.stage import Layout
+from fadrm.stages.prepare import prepare
+
+from .conftest import make_tree, smoke_config
+
+
+def _prepare(tmp_path, *overrides):
+    cfg = smoke_config(tmp_path / "out", *overrides)
+    metrics = prepare(cfg)
+    return Prepared(Layout.of(cfg).stage("prepare")), metrics
+
+
+def test_builtin_subset_is_real_cifar10(tmp_path):
+    data, metrics = _prepare(tmp_path, "data.train_per_class=null", "data.test_per_class=null")
+    assert data.classes[:3] == ["airplane", "automobile", "bird"] and data.num_classes == 10
+    assert metrics["train_images"] == 5000 and metrics["test_images"] == 1000
+    train = data.split("train")
+    assert train.images.shape == (5000, 32, 32, 3) and train.images.dtype == np.uint8
+    assert np.bincount(train.labels).tolist() == [500] * 10
+    assert data.manifest["counts"]["test"]["cat"] == 100
+    # every source file is listed with its content hash
+    with open(data.dir / "files.tsv") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    assert len(rows) == 6000 and all(len(r["sha256"]) == 64 for r in rows)
+    assert len(data.digest) == 64
+
+
+def test_prepare_is_deterministic_and_subsets(tmp_path):
+    a, _ = _prepare(tmp_path / "a")
+    b, _ = _prepare(tmp_path / "b")
+    assert a.digest == b.digest
+    assert len(a.split("train")) == 1000 and len(a.split("test")) == 500
+    assert np.array_equal(a.split("train").images, b.split("train").images)
+
+
+def test_imagefolder_with_val_split(builtin_tree, tmp_path):
+    root = make_tree(builtin_tree, tmp_path / "folder", ["cat", "dog"], 6, 3, test_name="val")
+    data, metrics = _prepare(tmp_path, "data.source=imagefolder", f"data.path={root}", "data.name=pets",
+                             "data.resolution=32", "data.train_per_class=null", "data.test_per_class=null")
+    assert data.classes == ["cat", "dog"]
+    assert metrics["train_images"] == 12 and metrics["test_images"] == 6
+    assert data.manifest["test_folder"] == "val"
+    # an unknown dataset gets its normalisation measured on the training split
+    assert data.manifest["mean"] != [0.4914, 0.4822, 0.4465]
+
+
+def test_file_backed_large_images(builtin_tree, tmp_path):
+    root = make_tree(builtin_tree, tmp_path / "folder", ["cat", "dog"], 4, 2)
+    data, _ = _prepare(tmp_path, "data.source=imagefolder", f"data.path={root}", "data.name=pets",
+                       "data.resolution=96", "data.train_per_class=null", "data.test_per_class=null")
+    assert not data.cached
+    batch = data.split("train").load([0, 1], 96)
+    assert batch.shape == (2, 3, 96, 96)
+    x, y = next(data.test_batches(4, "cpu"))
+    assert x.shape == (4, 3, 96, 96) and y.tolist() == [0, 0, 1, 1]
+
+
+def _tar(tmp_path, root, name="data.tar.gz"):
+    archive = tmp_path / name
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(root, arcname="mydata")
+    return archive
+
+
+def test_tar_archive(tiny_tree, tmp_path):
+    archive = _tar(tmp_path, tiny_tree)
+    data, metrics = _prepare(tmp_path, "data.source=tar", f"data.path={archive}", "data.name=tiny",
+                             "data.resolution=32", "data.train_per_class=null", "data.test_per_class=null")
+    assert data.classes == ["airplane", "cat", "ship"] and metrics["train_images"] == 24
+
+
+@pytest.mark.parametrize("name", ["../evil.jpg", "/etc/evil.jpg", "a/../../evil.jpg"])
+def test_archive_member_escaping_is_refused(tmp_path, name):
+    archive = tmp_path / "bad.tar"
+    with tarfile.open(archive, "w") as tf:
+        info = tarfile.TarInfo(name)
+        info.size = 3
+        tf.addfile(info, io.BytesIO(b"abc"))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(UnsafeArchiveError, match="outside"):
+        safe_extract(archive, dest)
+    assert not any(dest.iterdir()) and not (tmp_path / "evil.jpg").exists()
+
+
+def test_archive_links_are_refused(tmp_path):
+    info = tarfile.TarInfo("train/cat/link.jpg")
+    info.type = tarfile.SYMTYPE
+    info.linkname = "/etc/passwd"
+    with pytest.raises(UnsafeArchiveError, match="link"):
+        check_member(info, tmp_path)
+
+
+def test_escaping_member_through_the_stage(tmp_path):
+    archive = tmp_path / "bad.tar"
+    with tarfile.open(archive, "w") as tf:
+        info = tarfile.TarInfo("../outside.txt")
+        tf.addfile(info, io.BytesIO(b""))
+    cfg = smoke_config(tmp_path / "out", "data.source=tar", f"data.path={archive}")
+    with pytest.raises(UnsafeArchiveError):
+        prepare(cfg)
+    assert not Layout.of(cfg).stage("prepare").exists()  # nothing half-written
+
+
+def test_bad_datasets_are_named(tiny_tree, tmp_path):
+    def run(root):
+        return prepare(smoke_config(tmp_path / "out", "data.source=imagefolder", f"data.path={root}",
+                                    "data.resolution=32", "data.name=tiny"))
+
+    with pytest.raises(DataError, match="does not exist"):
+        run(tmp_path / "absent")
+    (tiny_tree / "train" / "dog").mkdir()
+    with pytest.raises(DataError, match=r"only in train: \['dog'\]"):
+        run(tiny_tree)
+    (tiny_tree / "test" / "dog").mkdir()
+    with pytest.raises(DataError, match="class 'dog' has no images"):
+        run(tiny_tree)
+    (tiny_tree / "train" / "dog" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    (tiny_tree / "test" / "dog" / "ok.png").write_bytes(
+        (tiny_tree / "train" / "cat").joinpath(sorted((tiny_tree / "train" / "cat").iterdir())[0].name).read_bytes()
+    )
+    with pytest.raises(DataError, match="unreadable image .*broken.jpg"):
+        run(tiny_tree)
+    assert not (tmp_path / "out" / "prepare").exists()
+
+
+def test_missing_test_split(tiny_tree, tmp_path):
+    (tiny_tree / "test").rename(tiny_tree / "holdout")
+    with pytest.raises(DataError, match="no 'val/' or 'test/'"):
+        prepare(smoke_config(tmp_path / "out", "data.source=imagefolder", f"data.path={tiny_tree}",
+                             "data.resolution=32"))
+
+
+def _write_cifar_copy(root, builtin_tree):
+    """A local copy in torchvision's CIFAR-10 layout, made of real images of the built-in subset."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    classes = sorted(p.name for p in (builtin_tree / "train").iterdir())
+    for split, files in (("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])):
+        images, labels = [], []
+        for label, name in enumerate(classes):
+            for path in sorted((builtin_tree / split / name).iterdir())[:2]:
+                images.append(np.asarray(Image.open(path).convert("RGB")).transpose(2, 0, 1).reshape(-1))
+                labels.append(label)
+        for file in files:
+            with open(folder / file, "wb") as fh:
+                pickle.dump({"data": np.stack(images), "labels": labels}, fh)
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({"label_names": classes}, fh)
+
+
+def test_torchvision_local_copy(builtin_tree, tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as tv_cifar
+
+    root = tmp_path / "tv"
+    _write_cifar_copy(root, builtin_tree)
+    # Our copy has other bytes than the official archive; only the md5 comparison is bypassed.
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: __import__("os").path.isfile(path))
+    data, metrics = _prepare(tmp_path, "data.source=torchvision", f"data.path={root}", "data.name=cifar10")
+    assert data.classes[0] == "airplane" and metrics["train_images"] == 100 and metrics["test_images"] == 20
+
+
+def test_torchvision_missing_copy_says_how_to_get_it(tmp_path):
+    with pytest.raises(DataError, match="data.download"):
+        prepare(smoke_config(tmp_path / "out", "data.source=torchvision", f"data.path={tmp_path / 'none'}"))
+
+
+@pytest.mark.full_data
+def test_full_cifar10_archive_is_readable(shared_archive, tmp_path):
+    data, metrics = _prepare(tmp_path, "data.source=tar", f"data.path={shared_archive}", "data.train_per_class=20",
+                             "data.test_per_class=10")
+    assert metrics["train_images"] == 200 and data.num_classes == 10

@@ -1,0 +1,178 @@
+"""MLflow lineage: the run tree, params, metrics, artifacts, failures, a real server, compare."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from fadrm.cli import app
+from fadrm.config import load_config
+from fadrm.errors import TrackingError
+from fadrm.stage import STAGE_ORDER
+from fadrm.tracker import NULL_TRACKER
+from fadrm.tracking import open_tracker
+
+runner = CliRunner()
+
+
+def _uri(tmp_path):
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def _experiment_runs(uri, experiment="fadrm"):
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id], max_results=100)
+
+
+def _artifacts(client, run_id, path=None):
+    out = []
+    for item in client.list_artifacts(run_id, path):
+        out += _artifacts(client, run_id, item.path) if item.is_dir else [item.path]
+    return out
+
+
+def test_pipeline_run_tree_params_metrics_artifacts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = _uri(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    result = runner.invoke(app, ["run", "--local", "--preset", "smoke"])
+    assert result.exit_code == 0, result.output
+    client, runs = _experiment_runs(uri)
+    parents = [r for r in runs if r.data.tags.get("fadrm.kind") == "pipeline"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == sorted(STAGE_ORDER)
+    assert parent.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in children)
+    # resolved config, flattened
+    assert parent.data.params["recover.alpha"] == "0.5" and parent.data.params["preset"] == "smoke"
+    # summary and efficiency figures
+    for key in ("student_top1", "student_top5", "teacher_top1", "recover_s_per_image", "stages.recover.seconds",
+                "stages.recover.peak_mem_mb"):
+        assert key in parent.data.metrics
+    # lineage: dataset with its content hash, teachers' sha256, synthetic images' sources
+    (dataset_input,) = parent.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "cifar10" and len(dataset_input.dataset.digest) == 32
+    assert parent.data.tags["fadrm.dataset_sha256"].startswith(dataset_input.dataset.digest)
+    assert len(parent.data.tags["fadrm.teacher.0-convnet.sha256"]) == 64
+    parent_files = _artifacts(client, parent.info.run_id)
+    assert {"config.yaml", "lineage/synthetic/manifest.json", "metrics.json", "plots/efficiency.json"} <= set(parent_files)
+    by_stage = {r.info.run_name: r for r in children}
+    assert {"0-convnet.safetensors", "0-convnet.json", "teachers.json"} <= set(_artifacts(client, by_stage["squeeze"].info.run_id))
+    assert {"grid.png", "loss.png", "manifest.json"} <= set(_artifacts(client, by_stage["recover"].info.run_id))
+    assert {"accuracy.png", "loss.png"} <= set(_artifacts(client, by_stage["evaluate"].info.run_id))
+    # per-step history
+    history = client.get_metric_history(by_stage["recover"].info.run_id, "recover_loss")
+    assert len(history) > 1 and len({m.step for m in history}) == len(history)
+    assert by_stage["recover"].data.params["recover.schedule"] == "[[24, 8], [32, 8]]"
+
+
+def test_a_raising_stage_leaves_its_runs_failed(tmp_path):
+    uri = _uri(tmp_path)
+    cfg = load_config(None, "smoke", [f"tracking.uri={uri}", f"out_dir={tmp_path / 'out'}"])
+    with pytest.raises(RuntimeError, match="boom"):
+        with open_tracker(cfg) as tracker, tracker.stage("recover"):
+            raise RuntimeError("boom")
+    client, runs = _experiment_runs(uri)
+    (child,) = [r for r in runs if r.info.run_name == "recover"]
+    (parent,) = [r for r in runs if r.info.run_id == child.data.tags["mlflow.parentRunId"]]
+    assert child.info.status == "FAILED" and "boom" in child.data.tags["fadrm.error"]
+    assert parent.info.status == "FAILED"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_fails_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    dead = f"http://127.0.0.1:{_free_port()}"
+    result = runner.invoke(app, ["run", "--local", "--preset", "smoke", "-S", f"tracking.uri={dead}"])
+    assert result.exit_code == 2 and "unreachable" in result.output and "--no-track" in result.output
+    assert not (tmp_path / "outputs").exists()
+    cfg = load_config(None, "smoke", [f"tracking.uri={dead}", "tracking.on_unreachable=continue"])
+    with open_tracker(cfg) as tracker:
+        assert tracker is NULL_TRACKER
+    with pytest.raises(TrackingError):
+        with open_tracker(load_config(None, "smoke", [f"tracking.uri={dead}"])):
+            pass
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", _uri(tmp_path / "server"), "--artifacts-destination", str(tmp_path / "server-art"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )
+    (tmp_path / "server").mkdir()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start")
+    yield url
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+
+
+def test_a_real_mlflow_server_receives_the_run(mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    for stage in ("prepare", "squeeze"):
+        result = runner.invoke(app, [stage, "--preset", "smoke", "-S", "squeeze.epochs=1"])
+        assert result.exit_code == 0, result.output
+    client, runs = _experiment_runs(mlflow_server)
+    parents = [r for r in runs if r.data.tags.get("fadrm.kind") == "pipeline"]
+    # the two stage commands of one pipeline land under one parent, as with `dvc repro`
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["prepare", "squeeze"]
+    squeeze_run = next(r for r in children if r.info.run_name == "squeeze")
+    assert "teacher_top1" in squeeze_run.data.metrics
+    assert "0-convnet.safetensors" in _artifacts(client, squeeze_run.info.run_id)
+
+
+def test_compare_two_runs(smoke_copy, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = _uri(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    base = ["-S", f"out_dir={smoke_copy.out_dir}", "--preset", "smoke"]
+    for method in ("fadrm", "sre2l"):
+        for stage in ("select", "recover", "relabel", "evaluate"):
+            result = runner.invoke(app, [stage, *base, "-S", f"method={method}"])
+            assert result.exit_code == 0, result.output
+    _, runs = _experiment_runs(uri)
+    parents = [r for r in runs if r.data.tags.get("fadrm.kind") == "pipeline"]
+    assert len(parents) == 2
+    ids = [p.info.run_id for p in parents]
+    result = runner.invoke(app, ["compare", *ids])
+    assert result.exit_code == 0, result.output
+    assert "param method" in result.output and "sre2l" in result.output and "fadrm" in result.output
+    assert "metric student_top1" in result.output
+    assert "param recover.alpha" not in result.output  # only params that differ
+    out = tmp_path / "cmp.md"
+    result = runner.invoke(app, ["compare", *ids, "--format", "markdown", "--output", str(out)])
+    assert result.exit_code == 0 and out.read_text().startswith("| ")
+    result = runner.invoke(app, ["compare", parents[0].info.run_name, "--format", "csv"])
+    assert result.exit_code == 0 and result.output.count("\n") > 3
+    result = runner.invoke(app, ["compare", "no-such-run"])
+    assert result.exit_code == 2 and "no MLflow run" in result.output
