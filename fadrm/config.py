@@ -113,8 +113,9 @@ class RecoverConfig(Section):
     """Data residual matching: BN statistics + CE, residual merges, multi-resolution."""
 
     schedule: tuple[tuple[int, int], ...] | None = Field(
-        None, description="((resolution, iterations), ...); None: 4 x 500 at the dataset resolution"
+        None, description="((resolution, iterations), ...); None: 4 stages of `iterations` (FADRM.md)"
     )
+    iterations: int = Field(250, ge=0, description="per stage, when schedule is None (paper: 500)")
     lr: float = Field(0.25, gt=0)
     alpha: float = Field(0.5, ge=0, le=1, description="residual merge weight of the optimised image")
     ce_weight: float = Field(1.0, ge=0)

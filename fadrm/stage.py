@@ -109,9 +109,10 @@ def stage_fingerprint(name: str, cfg: Config, layout: Layout) -> str:
 
 
 def is_current(name: str, cfg: Config, layout: Layout) -> bool:
-    """True when the stage's output exists and was made from the same params and inputs."""
+    """True when the stage's output exists and was made from the same params, code and inputs,
+    and every stage it reads from is current too."""
     record = stage_record(layout, name)
-    if record is None:
+    if record is None or not all(is_current(dep, cfg, layout) for dep in STAGE_INPUTS[name]):
         return False
     try:
         return record["fingerprint"] == stage_fingerprint(name, cfg, layout)

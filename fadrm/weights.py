@@ -6,6 +6,7 @@ Pickle files are never unpickled freely: ``.pt/.pth/.bin`` go through
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
         else:
             raise WeightsError(f"{path}: unsupported weights format (use .safetensors, or {PICKLE_SUFFIXES})")
-    except (SafetensorError, RuntimeError, OSError, ValueError) as exc:
+    except (SafetensorError, RuntimeError, OSError, ValueError, pickle.UnpicklingError) as exc:
         raise WeightsError(f"{path}: cannot load weights safely ({exc})") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

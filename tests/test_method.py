@@ -102,7 +102,7 @@ def test_schedule_resolution():
     rc = RecoverConfig(schedule=((16, 5), (32, 7)))
     assert resolve_schedule(rc, 32, METHODS["fadrm"]) == ((16, 5), (32, 7))
     assert resolve_schedule(rc, 32, METHODS["sre2l"]) == ((32, 12),)  # one resolution, same budget
-    assert resolve_schedule(RecoverConfig(), 224, METHODS["fadrm"])[0] == (200, 500)
+    assert resolve_schedule(RecoverConfig(iterations=500), 224, METHODS["fadrm"]) == ((200, 500), (224, 500)) * 2
     with pytest.raises(ConfigError, match="ends at 16 px but the dataset is 32 px"):
         resolve_schedule(RecoverConfig(schedule=((32, 5), (16, 5))), 32, METHODS["fadrm"])
 

@@ -101,7 +101,7 @@ def residual_merge(x: torch.Tensor, init: torch.Tensor, alpha: float, size: int)
 
 
 def resolve_schedule(rc: RecoverConfig, resolution: int, spec: MethodSpec) -> Schedule:
-    schedule = tuple(tuple(p) for p in rc.schedule) if rc.schedule else default_schedule(resolution)
+    schedule = tuple(tuple(p) for p in rc.schedule) if rc.schedule else default_schedule(resolution, rc.iterations)
     if schedule[-1][0] != resolution:
         raise ConfigError(
             f"recover.schedule ends at {schedule[-1][0]} px but the dataset is {resolution} px; "
