@@ -126,6 +126,37 @@ def write(path: Path, payload: dict) -> None:
     print(f"wrote {path}")
 
 
+def render_docs() -> Path:
+    """docs/benchmarks.md from the JSON figures that exist."""
+    lines = ["# Benchmarks", "", "Written by `python benchmarks/cifar10_cpu.py ...`; figures in `docs/benchmarks/*.json`.", ""]
+    teacher_file = DOCS / "cifar10_cpu_teacher.json"
+    if teacher_file.is_file():
+        t = json.loads(teacher_file.read_text())
+        lines += ["## Teacher (`fadrm squeeze --preset cifar10-cpu`, full CIFAR-10, 2 CPU cores)", "",
+                  "| architecture | epochs | test top-1 | test top-5 | squeeze wall time |", "|---|---|---|---|---|",
+                  f"| {t['squeeze']['teachers'][0]['arch']} | {t['squeeze']['epochs']} | {100 * t['teacher_top1']:.2f}% "
+                  f"| {100 * t['teacher_top5']:.2f}% | {t['squeeze_seconds'] / 60:.1f} min |", ""]
+    methods_file = DOCS / "cifar10_cpu_methods.json"
+    if methods_file.is_file():
+        m = json.loads(methods_file.read_text())
+        lines += ["## Methods at IPC 10 (same teacher, same relabel/evaluate protocol)", "",
+                  "| method | student top-1 | top-5 | best top-1 | recover s/image | recover peak MB | recover seconds |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, r in m["methods"].items():
+            rec = r["stages"].get("recover", {})
+            spi = r.get("recover_s_per_image")
+            lines.append(f"| {name} | {100 * r['student_top1']:.2f}% | {100 * r['student_top5']:.2f}% | "
+                         f"{100 * r['student_best_top1']:.2f}% | {spi if spi is not None else '-'} | "
+                         f"{rec.get('peak_mem_mb', '-')} | {rec.get('seconds', '-')} |")
+        st = m["step_throughput"]
+        lines += ["", f"Recovery step vs plain training step of the teacher, batch {st['batch']}, 32 px, fp32: "
+                  f"{st['recover_step_s']} s vs {st['train_step_s']} s ({st['ratio']}x).", "",
+                  f"Machine: {m['machine']}", ""]
+    path = ROOT / "docs" / "benchmarks.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["teacher", "methods"])
@@ -140,6 +171,7 @@ def main() -> None:
     else:
         weights = args.teacher or OUT / "teacher" / "squeeze" / "0-convnet.safetensors"
         methods(weights.resolve(), args.methods)
+    print(f"wrote {render_docs()}")
 
 
 if __name__ == "__main__":

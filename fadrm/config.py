@@ -347,7 +347,7 @@ def load_config(
     parsed = [(text, *parse_override(text)) for text in overrides]
     # --preset beats the file's preset key, and an override of `preset` beats both.
     chosen = preset or data.get("preset")
-    for text, keys, value in parsed:
+    for _, keys, value in parsed:
         if keys == ["preset"]:
             chosen = value
     if chosen:

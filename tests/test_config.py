@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from fadrm.config import Config, available_presets, load_config, parse_override, read_preset
 from fadrm.errors import ConfigError
@@ -95,5 +96,5 @@ def test_missing_params_file_only_fails_when_named(tmp_path):
 
 def test_config_is_frozen():
     cfg = Config()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.ipc = 3  # type: ignore[misc]

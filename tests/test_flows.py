@@ -4,7 +4,6 @@ worker from a Prefect server on 127.0.0.1 (with its cron schedule)."""
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess

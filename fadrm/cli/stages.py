@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from fadrm.cli.app import DEFAULT_PARAMS, NoTrackOpt, ParamsOpt, PresetOpt, SetOpt, app, config_from, echo, guarded
-from fadrm.config import dump_yaml, read_preset, available_presets
+from fadrm.config import available_presets, dump_yaml, read_preset
 from fadrm.pipeline import STAGES, summary_table
 from fadrm.stage import STAGE_ORDER
 
