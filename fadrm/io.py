@@ -23,8 +23,9 @@ STAGE_RECORD = "stage.json"
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a fresh temporary folder that replaces ``final`` only if the block succeeds."""
+def atomic_dir(final: Path, publish: bool = True) -> Iterator[Path]:
+    """Yield a fresh temporary folder that replaces ``final`` only if the block succeeds
+    (and ``publish``: helper processes of a multi-process run work in it, then drop it)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
@@ -36,6 +37,9 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if not publish:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     old = final.parent / f".{final.name}.old-{os.getpid()}"
     if final.exists():
         final.rename(old)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from fadrm import __version__
+from fadrm import __version__, distributed
 from fadrm.config import STAGE_PARAMS, Config, dump_yaml, fingerprint
 from fadrm.device import resolve_device
 from fadrm.efficiency import StageMeter
@@ -148,13 +148,16 @@ def stage_run(name: str, cfg: Config, tracker: Tracker = NULL_TRACKER) -> Iterat
     device = resolve_device(cfg.device)
     tracker.log_params(flatten(params))
     meter = StageMeter(device)
-    with atomic_dir(layout.stage(name)) as tmp:
+    distributed.init(device)
+    with atomic_dir(layout.stage(name), publish=distributed.is_main()) as tmp:
         run = StageRun(name, cfg, layout, tmp, device, tracker)
         with meter:
             yield run
         record = {"stage": name, "fingerprint": fp, "inputs": inputs, "params": params, "fadrm": __version__}
         write_json(tmp / STAGE_RECORD, record)
         (tmp / "config.yaml").write_text(dump_yaml(params))
+    if not distributed.is_main():
+        return
     run.metrics.update(seconds=round(meter.seconds, 3), peak_mem_mb=round(meter.peak_mb, 1))
     if "flops" in run.metrics and meter.seconds > 0:
         run.metrics["flops_per_s"] = run.metrics["flops"] / meter.seconds

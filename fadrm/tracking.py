@@ -28,6 +28,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from fadrm import distributed
 from fadrm.config import Config, dump_yaml, fingerprint
 from fadrm.errors import TrackingError
 from fadrm.io import read_json, sha256_file
@@ -172,7 +173,7 @@ def open_tracker(
     ``tracking.on_unreachable: continue``; otherwise raises :class:`TrackingError` before any
     work starts.
     """
-    if not (enabled and cfg.tracking.enabled):
+    if not (enabled and cfg.tracking.enabled and distributed.is_main()):  # torchrun helpers do not log
         yield NULL_TRACKER
         return
     uri = tracking_uri(cfg)

@@ -191,3 +191,33 @@ def test_squeeze_resumes_from_its_checkpoint(smoke_copy, monkeypatch):
     assert resumed["teacher_top1"] == straight["teacher_top1"]
     again = load_file(str(layout.stage("squeeze") / "0-convnet.safetensors"))
     assert all(torch.equal(weights[k], again[k]) for k in weights)
+
+
+@pytest.mark.slow
+def test_recover_under_torchrun_equals_one_process(smoke_copy, tmp_path):
+    """Two CPU processes (Gloo) share the recovery batches; the result is bit-identical."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = smoke_config(smoke_copy.out_dir, "recover.batch_size=5")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's workers run (OMP_NUM_THREADS=1): same arithmetic
+    try:
+        recover(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    single = load_set(Layout.of(cfg).stage("recover"))[0]
+    shutil.rmtree(Layout.of(cfg).stage("recover"))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", "--no-python", "fadrm", "recover",
+         "--preset", "smoke", "--no-track", "-S", f"out_dir={smoke_copy.out_dir}", "-S", "recover.batch_size=5",
+         "-S", "tracking.enabled=false"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"},  # noqa: E501
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert torch.equal(load_set(Layout.of(cfg).stage("recover"))[0], single)
+    assert not Layout.of(cfg).partial("recover").exists()

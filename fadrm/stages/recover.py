@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fadrm import distributed
 from fadrm.augment import recovery_view
 from fadrm.config import Config, RecoverConfig
 from fadrm.data.facts import default_jitter, default_schedule
@@ -71,7 +72,9 @@ def recover(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
             run.artifacts.append("loss.png")
         run.artifacts += ["manifest.json", "grid.png"]
         run.metrics.update(images=len(entries), **stats)
-    shutil.rmtree(run.layout.partial("recover"), ignore_errors=True)
+    distributed.barrier()
+    if distributed.is_main():
+        shutil.rmtree(run.layout.partial("recover"), ignore_errors=True)
     return run.metrics
 
 
@@ -211,29 +214,32 @@ def _recover_all(cfg: Config, spec: MethodSpec, data: Prepared, init: torch.Tens
     logs: list[torch.Tensor] = []
     progress = bar(len(batches) * total_steps, f"recover ({cfg.method})", unit="step")
     busy, fresh = 0.0, 0
+    mine = {b for b in range(len(batches)) if b % distributed.world_size() == distributed.rank()}
     for b, idx in enumerate(batches):
         done = partial / f"batch-{b:05d}.pt"
-        if done.is_file():
-            saved = torch.load(done, weights_only=True)
+        if b not in mine or done.is_file():
             progress.update(total_steps)
-        else:
-            names = [f"{data.classes[labels[i]]}#{i}" for i in idx]
-            x_init = data.to_input(init[idx], device)
-            targets = torch.from_numpy(labels[idx]).to(device)
-            rng = np.random.default_rng([cfg.seed, b, 0x2EC0])
-            start = time.perf_counter()
-            x, log = recover_batch(
-                x_init, targets, teachers, schedule, rc, merges=spec.merges, bounds=bounds,
-                jitter_limit=jitter_limit, precision=precision, rng=rng, on_step=progress.update, names=names,
-            )
-            busy += time.perf_counter() - start
-            fresh += len(idx)
-            saved = {"images": to_uint8(data.denormalize(x)), "log": torch.tensor(log, dtype=torch.float64)}
-            torch.save(saved, done.with_suffix(".tmp"))
-            done.with_suffix(".tmp").replace(done)
+            continue
+        names = [f"{data.classes[labels[i]]}#{i}" for i in idx]
+        x_init = data.to_input(init[idx], device)
+        targets = torch.from_numpy(labels[idx]).to(device)
+        rng = np.random.default_rng([cfg.seed, b, 0x2EC0])
+        start = time.perf_counter()
+        x, log = recover_batch(
+            x_init, targets, teachers, schedule, rc, merges=spec.merges, bounds=bounds,
+            jitter_limit=jitter_limit, precision=precision, rng=rng, on_step=progress.update, names=names,
+        )
+        busy += time.perf_counter() - start
+        fresh += len(idx)
+        saved = {"images": to_uint8(data.denormalize(x)), "log": torch.tensor(log, dtype=torch.float64)}
+        torch.save(saved, done.with_suffix(".tmp"))
+        done.with_suffix(".tmp").replace(done)
+    progress.close()
+    distributed.barrier()  # under torchrun: every rank's batches are on disk from here on
+    for b, idx in enumerate(batches):
+        saved = torch.load(partial / f"batch-{b:05d}.pt", weights_only=True)
         out[idx] = saved["images"]
         logs.append(saved["log"])
-    progress.close()
     # The loss curve: mean over batches at every logged step.
     mean_log = torch.stack(logs).mean(0).tolist()
     loss_rows = [{"step": int(step), "loss": loss, "ce": ce, "bn": bn} for step, loss, ce, bn in mean_log]
