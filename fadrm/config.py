@@ -78,7 +78,7 @@ class SqueezeConfig(Section):
     """Teacher training (SGD, warmup + cosine, label smoothing, crop + flip)."""
 
     teachers: tuple[TeacherConfig, ...] = (TeacherConfig(),)
-    epochs: int = Field(20, ge=1)
+    epochs: int = Field(15, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -115,8 +115,8 @@ class RecoverConfig(Section):
     schedule: tuple[tuple[int, int], ...] | None = Field(
         None, description="((resolution, iterations), ...); None: 4 stages of `iterations` (FADRM.md)"
     )
-    iterations: int = Field(250, ge=0, description="per stage, when schedule is None (paper: 500)")
-    lr: float = Field(0.25, gt=0)
+    iterations: int = Field(200, ge=0, description="per stage, when schedule is None (paper: 500)")
+    lr: float = Field(0.05, gt=0, description="paper: 0.25; 0.05 keeps the real patch at 32 px (FADRM.md)")
     alpha: float = Field(0.5, ge=0, le=1, description="residual merge weight of the optimised image")
     ce_weight: float = Field(1.0, ge=0)
     bn_weight: float = Field(0.01, ge=0, description="lambda_bn")
