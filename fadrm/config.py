@@ -18,16 +18,26 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fadrm.errors import ConfigError
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 Method = Literal["fadrm", "fadrm+", "sre2l", "rded", "random"]
 Pair = tuple[float, float]
+
+
+def _registered_arch(value: str) -> str:
+    from fadrm.models import check_arch  # the registry needs torch; config loading should not wait for it
+
+    check_arch(value)
+    return value
+
+
+ArchName = Annotated[str, AfterValidator(_registered_arch)]
 
 
 class Section(BaseModel):
@@ -60,18 +70,10 @@ class DataConfig(Section):
 class TeacherConfig(Section):
     """One teacher: an architecture and where its weights come from."""
 
-    arch: str = "convnet"
+    arch: ArchName = "convnet"
     weights: str | None = Field(
         None, description="None: train it; 'pretrained': timm weights (network); else a file path"
     )
-
-    @field_validator("arch")
-    @classmethod
-    def _known_arch(cls, value: str) -> str:
-        from fadrm.models import check_arch
-
-        check_arch(value)
-        return value
 
 
 class SqueezeConfig(Section):
@@ -154,7 +156,7 @@ class RelabelConfig(Section):
 class EvaluateConfig(Section):
     """Student training on the distilled set and test on the real split."""
 
-    student: str = "convnet"
+    student: ArchName = "convnet"
     epochs: int = Field(300, ge=1)
     batch_size: int = Field(50, ge=1, description="micro-batch")
     accumulate: int = Field(1, ge=1, description="micro-batches per optimiser step")
@@ -166,14 +168,6 @@ class EvaluateConfig(Section):
     eval_every: int = Field(25, ge=1, description="test every N epochs (and after the last)")
     test_batch_size: int = Field(500, ge=1)
     precision: Precision = "auto"
-
-    @field_validator("student")
-    @classmethod
-    def _known_arch(cls, value: str) -> str:
-        from fadrm.models import check_arch
-
-        check_arch(value)
-        return value
 
 
 class TrackingConfig(Section):

@@ -95,5 +95,22 @@ def shared_archive() -> Path:
     return SHARED_ARCHIVE
 
 
+def wait_for_http(url: str, proc, timeout: float = 120) -> None:
+    """Poll ``url`` until it answers; fail the test (and stop ``proc``) if it never does."""
+    import signal
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    pytest.fail(f"{url} did not come up in {timeout} s")
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SESSION_TMP, ignore_errors=True)

@@ -8,8 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from mlflow import MlflowClient
 from fadrm.regression import RegressionFailed
 from fadrm.stage import STAGE_ORDER
 
+from .conftest import wait_for_http
 from .test_dvc import make_project, sh
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,16 +95,7 @@ def prefect_server(tmp_path_factory):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     server = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                break
-        except OSError:
-            time.sleep(1)
-    else:
-        os.killpg(server.pid, signal.SIGTERM)
-        pytest.fail("prefect server did not start")
+    wait_for_http(f"{url}/health", server)
     yield env
     os.killpg(server.pid, signal.SIGTERM)
     server.wait(timeout=60)

@@ -4,8 +4,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 from mlflow import MlflowClient
@@ -17,6 +15,8 @@ from fadrm.errors import TrackingError
 from fadrm.stage import STAGE_ORDER
 from fadrm.tracker import NULL_TRACKER
 from fadrm.tracking import open_tracker
+
+from .conftest import wait_for_http
 
 runner = CliRunner()
 
@@ -119,16 +119,7 @@ def mlflow_server(tmp_path):
     )
     (tmp_path / "server").mkdir()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start")
+    wait_for_http(f"{url}/health", proc)
     yield url
     os.killpg(proc.pid, 15)
     proc.wait(timeout=30)

@@ -32,7 +32,7 @@ def run(
     """Run the whole pipeline: prepare -> squeeze -> select -> recover -> relabel -> evaluate."""
     cfg = config_from(params, preset, set_)  # config errors surface here, before Prefect starts
     if local:
-        summary = run_local(cfg, no_track, force)
+        summary = run_local(cfg, no_track, force, params, preset, set_)
     else:
         from flows.distill import distill_flow
 
