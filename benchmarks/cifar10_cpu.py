@@ -68,27 +68,30 @@ def teacher() -> dict:
     return result
 
 
-def methods(weights: Path, names: list[str]) -> dict:
+def methods(weights: Path, names: list[str], extra: list[str] = (), tag: str = "") -> dict:
     shared = OUT / "prepared"
     if not (shared / "prepare").is_dir():
         prepare(config(shared))
     results = {}
     for name in names:
-        out = OUT / name
+        out = OUT / f"{name}{tag}"
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(shared / "prepare", out / "prepare", copy_function=os.link)
         shutil.copytree(shared / "metrics", out / "metrics", copy_function=os.link)
-        cfg = config(out, *METHOD_OVERRIDES[name], f"squeeze.teachers.0.weights={weights}")
+        cfg = config(out, *METHOD_OVERRIDES[name], *extra, f"squeeze.teachers.0.weights={weights}")
         start = time.perf_counter()
         summary = run_pipeline(cfg, announce=lambda s, status, n=name: print(f"[{n}] {s}: {status}", flush=True))
         summary["wall_seconds"] = round(time.perf_counter() - start, 1)
-        summary["overrides"] = METHOD_OVERRIDES[name]
-        results[name] = summary
+        summary["overrides"] = [*METHOD_OVERRIDES[name], *extra]
+        results[f"{name}{tag}"] = summary
         print(json.dumps({name: {k: summary[k] for k in ("student_top1", "student_top5", "recover_s_per_image")}}),
               flush=True)
-    payload = {"methods": results, "step_throughput": step_throughput(weights, config(OUT / "fadrm")),
+    path = DOCS / "cifar10_cpu_methods.json"
+    previous = json.loads(path.read_text())["methods"] if path.is_file() else {}
+    payload = {"methods": {**previous, **results},
+               "step_throughput": step_throughput(weights, config(OUT / f"{names[0]}{tag}")),
                "weights": str(weights), "machine": machine()}
-    write(DOCS / "cifar10_cpu_methods.json", payload)
+    write(path, payload)
     return payload
 
 
@@ -162,6 +165,8 @@ def main() -> None:
     parser.add_argument("what", choices=["teacher", "methods"])
     parser.add_argument("--teacher", type=Path, help="teacher weights (default: the `teacher` run's)")
     parser.add_argument("--methods", nargs="+", default=list(METHOD_OVERRIDES), choices=list(METHOD_OVERRIDES))
+    parser.add_argument("-S", "--set", dest="extra", action="append", default=[], help="extra override (all methods)")
+    parser.add_argument("--tag", default="", help="suffix naming this variant in the results")
     args = parser.parse_args()
     if not ARCHIVE.is_file():
         raise SystemExit(f"needs {ARCHIVE}")
@@ -170,7 +175,7 @@ def main() -> None:
         print(json.dumps(teacher(), indent=2))
     else:
         weights = args.teacher or OUT / "teacher" / "squeeze" / "0-convnet.safetensors"
-        methods(weights.resolve(), args.methods)
+        methods(weights.resolve(), args.methods, args.extra, args.tag)
     print(f"wrote {render_docs()}")
 
 

@@ -6,6 +6,7 @@ since ``ru_maxrss`` never goes down between stages) and ``max_memory_allocated``
 
 from __future__ import annotations
 
+import copy
 import os
 import resource
 import threading
@@ -67,3 +68,20 @@ def count_flops(step: Callable[[], object]) -> int:
     with FlopCounterMode(display=False) as counter:
         step()
     return int(counter.get_total_flops())
+
+
+def flops_per_sample(model: torch.nn.Module, resolution: int, device: torch.device, train: bool = False) -> int:
+    """FLOPs of one image through ``model`` (forward, plus backward when ``train``).
+
+    Counted on a copy, so the model's BatchNorm statistics and gradients are left alone.
+    """
+    probe = copy.deepcopy(model).train(train)
+    x = torch.zeros(2, 3, resolution, resolution, device=device)
+
+    def step() -> None:
+        out = probe(x)
+        if train:
+            out.float().sum().backward()
+
+    with torch.set_grad_enabled(train):
+        return count_flops(step) // 2

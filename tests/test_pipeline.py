@@ -31,7 +31,8 @@ def test_smoke_run_end_to_end(smoke_run):
     assert set(summary["stages"]) == set(STAGE_ORDER)
     for stage in summary["stages"].values():
         assert stage["seconds"] > 0 and stage["peak_mem_mb"] > 0
-    assert summary["stages"]["recover"]["flops"] > 0
+    for name in ("squeeze", "select", "recover", "relabel", "evaluate"):
+        assert summary["stages"][name]["flops"] > 0 and summary["stages"][name]["flops_per_s"] > 0
     assert read_json(layout.summary) == summary
     for png in ("select/grid.png", "recover/grid.png", "recover/loss.png", "evaluate/accuracy.png"):
         assert (layout.root / png).stat().st_size > 1000

@@ -19,6 +19,7 @@ from fadrm.config import Config
 from fadrm.data.prepared import Prepared
 from fadrm.device import autocast, grad_scaler, resolve_precision
 from fadrm.distilled import load_set
+from fadrm.efficiency import flops_per_sample
 from fadrm.engine import accuracy, param_groups, seed_everything, warmup_cosine
 from fadrm.errors import DivergenceError
 from fadrm.losses import soft_kl
@@ -98,7 +99,13 @@ def evaluate(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
         line_plot(tested, "epoch", ["top1", "top5"], run.dir / "accuracy.png", f"student {ev.student}: test accuracy")
         line_plot(curve, "epoch", ["train_loss"], run.dir / "loss.png", f"student {ev.student}: training loss")
         run.artifacts += ["accuracy.png", "loss.png", "student.json"]
+        tests = sum(1 for r in curve if "top1" in r)
+        flops = flops_per_sample(student, data.resolution, device, train=True) * ev.epochs * len(images)
+        flops += flops_per_sample(student, data.resolution, device) * tests * len(data.split("test"))
+        if soft.teachers is not None:  # online labels: the teachers run during training
+            flops += sum(flops_per_sample(m, data.resolution, device) for _, m in soft.teachers) * ev.epochs * len(images)
         run.metrics.update(
+            flops=flops,
             top1=curve[-1]["top1"], top5=curve[-1]["top5"], best_top1=best[0], best_top5=best[1],
             student=ev.student, epochs=ev.epochs, labels=ev.labels, label_mode=soft.recipe["mode"],
             images=len(images),

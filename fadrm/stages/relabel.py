@@ -19,6 +19,7 @@ from fadrm.config import Config
 from fadrm.data.prepared import Prepared
 from fadrm.device import autocast, resolve_precision
 from fadrm.distilled import load_set
+from fadrm.efficiency import flops_per_sample
 from fadrm.errors import MissingInputError
 from fadrm.io import read_json, write_json
 from fadrm.progress import bar
@@ -63,6 +64,7 @@ def relabel(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
             save_file({**arrays, "logits": logits}, str(run.dir / LABELS))
             size = (run.dir / LABELS).stat().st_size
             run.metrics.update(bytes_total=size, bytes_per_image_epoch=round(size / (n * rl.epochs), 2))
+            run.metrics["flops"] = sum(flops_per_sample(m, data.resolution, run.device) for _, m in teachers) * n * rl.epochs
         else:
             run.metrics.update(bytes_total=0, bytes_per_image_epoch=0.0)
         write_json(run.dir / RECIPE, recipe)

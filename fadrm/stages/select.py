@@ -22,6 +22,7 @@ from fadrm.data.facts import default_factor
 from fadrm.data.prepared import Prepared, Split
 from fadrm.device import autocast, resolve_precision
 from fadrm.distilled import grid_by_class, save_set, to_uint8
+from fadrm.efficiency import flops_per_sample
 from fadrm.errors import ConfigError, DataError
 from fadrm.methods import METHODS
 from fadrm.progress import bar
@@ -92,6 +93,8 @@ def _patches(cfg: Config, data: Prepared, train: Split, run: StageRun, rng: np.r
             entries.append({"label": label, "class": class_name, "patches": cells})
         progress.update()
     progress.close()
+    scored = sum(min(sel.candidates, len(train.class_indices(c))) for c in range(data.num_classes)) * sel.crops_per_image
+    run.metrics["flops"] = flops_per_sample(teacher, res, run.device) * scored
     return torch.stack(images), entries, {"factor": factor, "teacher": name, "patch_size": patch}
 
 

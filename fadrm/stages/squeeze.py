@@ -18,6 +18,7 @@ from torch import nn
 from fadrm.config import Config, TeacherConfig
 from fadrm.data.prepared import Prepared
 from fadrm.device import autocast, grad_scaler, resolve_precision
+from fadrm.efficiency import flops_per_sample
 from fadrm.engine import accuracy, param_groups, seed_everything, to_channels_last, warmup_cosine
 from fadrm.errors import DivergenceError, MissingInputError
 from fadrm.io import read_json, write_json
@@ -36,9 +37,13 @@ def squeeze(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
     with stage_run("squeeze", cfg, tracker) as run:
         data = Prepared(run.input("prepare"))
         cards = []
+        flops = 0
         for index, spec in enumerate(cfg.squeeze.teachers):
             name = f"{index}-{spec.arch}"
             model = obtain_teacher(spec, name, data, run)
+            trained = cfg.squeeze.epochs * len(data.split("train")) if spec.weights is None else 0
+            flops += flops_per_sample(model, data.resolution, run.device, train=True) * trained
+            flops += flops_per_sample(model, data.resolution, run.device) * len(data.split("test"))
             precision = resolve_precision(cfg.squeeze.precision, run.device)
             top1, top5 = accuracy(model, data.test_batches(256, run.device, cfg.data.workers), precision)
             card = save_weights(
@@ -71,6 +76,7 @@ def squeeze(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
             teacher_top5=cards[0]["top5"],
             teachers={c["name"]: c["top1"] for c in cards},
             teacher_sha256={c["name"]: c["sha256"] for c in cards},
+            flops=flops,
         )
     return run.metrics
 
