@@ -83,16 +83,22 @@ def methods(weights: Path, names: list[str], extra: list[str] = (), tag: str = "
         summary = run_pipeline(cfg, announce=lambda s, status, n=name: print(f"[{n}] {s}: {status}", flush=True))
         summary["wall_seconds"] = round(time.perf_counter() - start, 1)
         summary["overrides"] = [*METHOD_OVERRIDES[name], *extra]
+        summary["load_avg_1min_at_end"] = os.getloadavg()[0]
+        write(out / "bench.json", summary)  # each method's figures survive an interrupted sweep
         results[f"{name}{tag}"] = summary
         print(json.dumps({name: {k: summary[k] for k in ("student_top1", "student_top5", "recover_s_per_image")}}),
               flush=True)
-    path = DOCS / "cifar10_cpu_methods.json"
-    previous = json.loads(path.read_text())["methods"] if path.is_file() else {}
-    payload = {"methods": {**previous, **results},
-               "step_throughput": step_throughput(weights, config(OUT / f"{names[0]}{tag}")),
+    payload = {"methods": collect(), "step_throughput": step_throughput(weights, config(OUT / f"{names[0]}{tag}")),
                "weights": str(weights), "machine": machine()}
-    write(path, payload)
+    write(DOCS / "cifar10_cpu_methods.json", payload)
     return payload
+
+
+def collect() -> dict:
+    """Every finished method run under OUT, by name (random, rded, sre2l, fadrm first)."""
+    found = {p.parent.name: json.loads(p.read_text()) for p in sorted(OUT.glob("*/bench.json"))}
+    order = [m for m in METHOD_OVERRIDES if m in found] + sorted(set(found) - set(METHOD_OVERRIDES))
+    return {name: found[name] for name in order}
 
 
 def step_throughput(weights: Path, cfg, batch: int = 100, steps: int = 30) -> dict:
