@@ -112,5 +112,22 @@ def wait_for_http(url: str, proc, timeout: float = 120) -> None:
     pytest.fail(f"{url} did not come up in {timeout} s")
 
 
+def stop(proc, grace: float = 20) -> None:
+    """Stop a server/worker started with start_new_session=True: TERM, then KILL if it lingers."""
+    import signal
+    import subprocess
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SESSION_TMP, ignore_errors=True)

@@ -4,7 +4,6 @@ worker from a Prefect server on 127.0.0.1 (with its cron schedule)."""
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from mlflow import MlflowClient
 from fadrm.regression import RegressionFailed
 from fadrm.stage import STAGE_ORDER
 
-from .conftest import wait_for_http
+from .conftest import stop, wait_for_http
 from .test_dvc import make_project, sh
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,8 +96,7 @@ def prefect_server(tmp_path_factory):
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for_http(f"{url}/health", server)
     yield env
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=60)
+    stop(server)
 
 
 def _cli(env, *args, timeout=600):
@@ -122,8 +120,7 @@ def test_deployment_is_run_by_a_worker(prefect_server, tmp_path):
         assert run.returncode == 0, run.stdout + run.stderr
         assert "Completed" in run.stdout + run.stderr
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(timeout=60)
+        stop(worker)
     summary = json.loads((out_dir / "metrics.json").read_text())
     assert summary["student_top1"] is not None
 

@@ -16,7 +16,7 @@ from fadrm.stage import STAGE_ORDER
 from fadrm.tracker import NULL_TRACKER
 from fadrm.tracking import open_tracker
 
-from .conftest import wait_for_http
+from .conftest import stop, wait_for_http
 
 runner = CliRunner()
 
@@ -121,8 +121,7 @@ def mlflow_server(tmp_path):
     url = f"http://127.0.0.1:{port}"
     wait_for_http(f"{url}/health", proc)
     yield url
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
+    stop(proc)
 
 
 def test_a_real_mlflow_server_receives_the_run(mlflow_server, tmp_path, monkeypatch):
