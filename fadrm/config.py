@@ -80,7 +80,7 @@ class SqueezeConfig(Section):
     """Teacher training (SGD, warmup + cosine, label smoothing, crop + flip)."""
 
     teachers: tuple[TeacherConfig, ...] = (TeacherConfig(),)
-    epochs: int = Field(15, ge=1)
+    epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -117,7 +117,7 @@ class RecoverConfig(Section):
     schedule: tuple[tuple[int, int], ...] | None = Field(
         None, description="((resolution, iterations), ...); None: 4 stages of `iterations` (FADRM.md)"
     )
-    iterations: int = Field(200, ge=0, description="per stage, when schedule is None (paper: 500)")
+    iterations: int = Field(100, ge=0, description="per stage, when schedule is None (paper: 500)")
     lr: float = Field(0.05, gt=0, description="paper: 0.25; 0.05 keeps the real patch at 32 px (FADRM.md)")
     alpha: float = Field(0.5, ge=0, le=1, description="residual merge weight of the optimised image")
     ce_weight: float = Field(1.0, ge=0)
@@ -146,7 +146,7 @@ class RelabelConfig(Section):
     """FKD-style soft labels for recorded augmented views."""
 
     mode: Literal["stored", "online"] = "stored"
-    epochs: int = Field(300, ge=1, description="epochs of views (evaluation cycles through them)")
+    epochs: int = Field(200, ge=1, description="epochs of views (evaluation cycles through them)")
     batch_size: int = Field(100, ge=1, description="views rendered (and CutMix-ed) together")
     crop_scale: Pair = (0.08, 1.0)
     cutmix: bool = True
@@ -157,7 +157,7 @@ class EvaluateConfig(Section):
     """Student training on the distilled set and test on the real split."""
 
     student: ArchName = "convnet"
-    epochs: int = Field(300, ge=1)
+    epochs: int = Field(200, ge=1)
     batch_size: int = Field(50, ge=1, description="micro-batch")
     accumulate: int = Field(1, ge=1, description="micro-batches per optimiser step")
     lr: float = Field(0.001, gt=0)
