@@ -40,8 +40,8 @@ def squeeze(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
         flops = 0
         for index, spec in enumerate(cfg.squeeze.teachers):
             name = f"{index}-{spec.arch}"
-            model = obtain_teacher(spec, name, data, run)
-            trained = cfg.squeeze.epochs * len(data.split("train")) if spec.weights is None else 0
+            model, epochs_run = obtain_teacher(spec, name, data, run)
+            trained = epochs_run * len(data.split("train"))  # a resumed run trains only the rest
             flops += flops_per_sample(model, data.resolution, run.device, train=True) * trained
             flops += flops_per_sample(model, data.resolution, run.device) * len(data.split("test"))
             precision = resolve_precision(cfg.squeeze.precision, run.device)
@@ -81,20 +81,21 @@ def squeeze(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
     return run.metrics
 
 
-def obtain_teacher(spec: TeacherConfig, name: str, data: Prepared, run: StageRun) -> nn.Module:
+def obtain_teacher(spec: TeacherConfig, name: str, data: Prepared, run: StageRun) -> tuple[nn.Module, int]:
+    """The teacher in eval mode, and how many epochs were trained in this call."""
     seed_everything(run.cfg.seed)  # before building: the initial weights come from the global RNG
     pretrained = spec.weights == "pretrained"
     model = create_model(spec.arch, data.num_classes, data.resolution, pretrained=pretrained)
     if spec.weights is not None and not pretrained:
         load_weights(model, Path(spec.weights))
     model = model.to(run.device)
-    if spec.weights is None:
-        train_teacher(model, name, data, run)
-    return model.eval()
+    epochs_run = train_teacher(model, name, data, run) if spec.weights is None else 0
+    return model.eval(), epochs_run
 
 
-def train_teacher(model: nn.Module, name: str, data: Prepared, run: StageRun) -> None:
-    """Supervised training on the train split, with per-epoch checkpoints for resuming."""
+def train_teacher(model: nn.Module, name: str, data: Prepared, run: StageRun) -> int:
+    """Supervised training on the train split, with per-epoch checkpoints for resuming.
+    Returns the number of epochs trained now (fewer than configured after a resume)."""
     cfg, sq = run.cfg, run.cfg.squeeze
     precision = resolve_precision(sq.precision, run.device)
     model = to_channels_last(model, sq.channels_last)
@@ -138,6 +139,7 @@ def train_teacher(model: nn.Module, name: str, data: Prepared, run: StageRun) ->
         _save_checkpoint(checkpoint, fingerprint, cfg, epoch + 1, model, optimizer, scheduler, scaler, generator)
     progress.close()
     checkpoint.unlink(missing_ok=True)
+    return sq.epochs - start
 
 
 def _ckpt_key(fingerprint: str, cfg: Config) -> str:
