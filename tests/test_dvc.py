@@ -104,9 +104,12 @@ def test_repro_partial_rerun_experiments_push_and_pull(tmp_path):
     assert "0.6" in shown and "student_top1" in shown
 
 
-def test_sweep_is_one_matrix_stage():
-    out = sh(ROOT, "dvc", "stage", "list", "sweeps/dvc.yaml")
+def test_sweep_is_one_matrix_stage(tmp_path):
+    project = make_project(tmp_path / "project")
+    (project / "sweeps").mkdir()
+    shutil.copy(ROOT / "sweeps" / "matrix.dvc.yaml", project / "sweeps" / "dvc.yaml")
+    out = sh(project, "dvc", "stage", "list", "sweeps/dvc.yaml")
     points = [line.split()[0] for line in out.splitlines() if line.startswith("sweeps/dvc.yaml:distill@")]
     assert len(points) == 8 and "sweeps/dvc.yaml:distill@fadrm-10" in points
-    spec = yaml.safe_load((ROOT / "sweeps" / "dvc.yaml").read_text())
+    spec = yaml.safe_load((ROOT / "sweeps" / "matrix.dvc.yaml").read_text())
     assert list(spec["stages"]) == ["distill"] and "matrix" in spec["stages"]["distill"]
