@@ -94,9 +94,6 @@ class Views:
     def __len__(self) -> int:
         return len(self.index)
 
-    def take(self, positions: np.ndarray) -> Views:
-        return Views(*(getattr(self, f)[positions] for f in ("index", "box", "flip", "partner", "mix")))
-
     def mix_fraction(self, positions: np.ndarray, out: int) -> np.ndarray:
         """Share of each view's pixels that come from its partner (for hard-label training)."""
         return (self.mix[positions, 2] * self.mix[positions, 3]) / float(out * out)

@@ -387,8 +387,3 @@ def record_verdict(cfg: Config, run_id: str, verdict, report: str) -> None:
         (Path(tmp) / "regression.json").write_text(json.dumps(verdict.to_dict(), indent=2))
         tracker.log_artifact(Path(tmp) / "regression.md", "regression")
         tracker.log_artifact(Path(tmp) / "regression.json", "regression")
-
-
-def mark_baseline(cfg: Config, run_id: str) -> None:
-    client, _ = connect(cfg)
-    client.set_tag(run_id, BASELINE_TAG, "true")

@@ -131,7 +131,6 @@ def _from_files(root: Path, files, resolution: int, cached: bool):
     rows: list[list[str]] = []
     images: dict[str, np.ndarray] = {}
     labels: dict[str, np.ndarray] = {}
-    classes_of = {}
     for split, listing in files.items():
         progress = bar(len(listing.paths), f"prepare {split}", unit="img")
         with ThreadPoolExecutor(THREADS) as pool:
