@@ -100,9 +100,14 @@ def code_hash() -> str:
     return digest.hexdigest()
 
 
-def stage_fingerprint(name: str, cfg: Config, layout: Layout) -> str:
+def input_fingerprints(name: str, layout: Layout) -> dict[str, str]:
+    """The fingerprints of the stages ``name`` reads (a clear error if one is missing)."""
+    return {dep: require(layout, dep, name)["fingerprint"] for dep in STAGE_INPUTS[name]}
+
+
+def stage_fingerprint(name: str, cfg: Config, layout: Layout, inputs: dict[str, str] | None = None) -> str:
     """Hash of what determines a stage's output: params, inputs' fingerprints, the code."""
-    inputs = {dep: require(layout, dep, name)["fingerprint"] for dep in STAGE_INPUTS[name]}
+    inputs = input_fingerprints(name, layout) if inputs is None else inputs
     return fingerprint(
         {"stage": name, "params": cfg.sections(STAGE_PARAMS[name]), "inputs": inputs, "code": code_hash()}
     )
@@ -142,8 +147,8 @@ class StageRun:
 def stage_run(name: str, cfg: Config, tracker: Tracker = NULL_TRACKER) -> Iterator[StageRun]:
     """Run a stage body with its inputs checked, its cost measured and its output atomic."""
     layout = Layout.of(cfg)
-    fp = stage_fingerprint(name, cfg, layout)
-    inputs = {dep: stage_record(layout, dep)["fingerprint"] for dep in STAGE_INPUTS[name]}
+    inputs = input_fingerprints(name, layout)
+    fp = stage_fingerprint(name, cfg, layout, inputs)
     params = cfg.sections(STAGE_PARAMS[name])
     device = resolve_device(cfg.device)
     tracker.log_params(flatten(params))

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fadrm.config import Config, TeacherConfig
+from fadrm.config import Config, TeacherConfig, fingerprint
 from fadrm.data.prepared import Prepared
 from fadrm.device import autocast, grad_scaler, resolve_precision
 from fadrm.efficiency import flops_per_sample
@@ -109,8 +109,8 @@ def train_teacher(model: nn.Module, name: str, data: Prepared, run: StageRun) ->
     generator = torch.Generator().manual_seed(cfg.seed)
     criterion = nn.CrossEntropyLoss(label_smoothing=sq.label_smoothing)
     checkpoint = run.layout.partial("squeeze") / f"{name}.ckpt"
-    fingerprint = read_json(run.layout.stage("prepare") / "stage.json")["fingerprint"]
-    start = _resume(checkpoint, fingerprint, cfg, model, optimizer, scheduler, scaler, generator)
+    data_fp = read_json(run.layout.stage("prepare") / "stage.json")["fingerprint"]
+    start = _resume(checkpoint, data_fp, cfg, model, optimizer, scheduler, scaler, generator)
     progress = bar(total, f"squeeze {name}", unit="step", initial=start * steps_per_epoch)
     for epoch in range(start, sq.epochs):
         model.train()
@@ -136,22 +136,20 @@ def train_teacher(model: nn.Module, name: str, data: Prepared, run: StageRun) ->
             row["test_top1"], _ = accuracy(model, data.test_batches(256, run.device, cfg.data.workers), precision)
         run.tracker.log_metrics({f"{k}.{name}": v for k, v in row.items()}, step=epoch + 1)
         run.plots.setdefault("squeeze_loss", []).append({"teacher": name, "epoch": epoch + 1, **row})
-        _save_checkpoint(checkpoint, fingerprint, cfg, epoch + 1, model, optimizer, scheduler, scaler, generator)
+        _save_checkpoint(checkpoint, data_fp, cfg, epoch + 1, model, optimizer, scheduler, scaler, generator)
     progress.close()
     checkpoint.unlink(missing_ok=True)
     return sq.epochs - start
 
 
-def _ckpt_key(fingerprint: str, cfg: Config) -> str:
-    from fadrm.config import fingerprint as fp
-
-    return fp({"data": fingerprint, "params": cfg.sections(("seed", "squeeze"))})
+def _ckpt_key(data_fingerprint: str, cfg: Config) -> str:
+    return fingerprint({"data": data_fingerprint, "params": cfg.sections(("seed", "squeeze"))})
 
 
-def _save_checkpoint(path, fingerprint, cfg, epoch, model, optimizer, scheduler, scaler, generator) -> None:
+def _save_checkpoint(path, data_fp, cfg, epoch, model, optimizer, scheduler, scaler, generator) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
-        "key": _ckpt_key(fingerprint, cfg),
+        "key": _ckpt_key(data_fp, cfg),
         "epoch": epoch,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -165,12 +163,12 @@ def _save_checkpoint(path, fingerprint, cfg, epoch, model, optimizer, scheduler,
     tmp.replace(path)
 
 
-def _resume(path, fingerprint, cfg, model, optimizer, scheduler, scaler, generator) -> int:
+def _resume(path, data_fp, cfg, model, optimizer, scheduler, scaler, generator) -> int:
     """Restore a checkpoint made with the same data and params; return the epoch to start at."""
     if not path.is_file():
         return 0
     state = torch.load(path, map_location="cpu", weights_only=True)  # our own file, still no pickle
-    if state.get("key") != _ckpt_key(fingerprint, cfg):
+    if state.get("key") != _ckpt_key(data_fp, cfg):
         return 0
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
