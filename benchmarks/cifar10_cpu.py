@@ -149,18 +149,20 @@ def render_docs() -> Path:
     if methods_file.is_file():
         m = json.loads(methods_file.read_text())
         lines += ["## Methods at IPC 10 (same teacher, same relabel/evaluate protocol)", "",
-                  "| method | student top-1 | top-5 | best top-1 | recover s/image | recover peak MB | recover seconds |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| run | student top-1 | top-5 | best top-1 | recover s/image | recover peak MB | recover seconds "
+                  "| load (1 min) | overrides |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, r in m["methods"].items():
             rec = r["stages"].get("recover", {})
             spi = r.get("recover_s_per_image")
             lines.append(f"| {name} | {100 * r['student_top1']:.2f}% | {100 * r['student_top5']:.2f}% | "
                          f"{100 * r['student_best_top1']:.2f}% | {spi if spi is not None else '-'} | "
-                         f"{rec.get('peak_mem_mb', '-')} | {rec.get('seconds', '-')} |")
+                         f"{rec.get('peak_mem_mb', '-')} | {rec.get('seconds', '-')} | "
+                         f"{r.get('load_avg_1min_at_end', '-')} | `{' '.join(r.get('overrides', []))}` |")
         st = m["step_throughput"]
         lines += ["", f"Recovery step vs plain training step of the teacher, batch {st['batch']}, 32 px, fp32: "
                   f"{st['recover_step_s']} s vs {st['train_step_s']} s ({st['ratio']}x).", "",
-                  f"Machine: {m['machine']}", ""]
+                  "Machine: " + ", ".join(f"{k} {v}" for k, v in m["machine"].items()), ""]
     path = ROOT / "docs" / "benchmarks.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -366,6 +366,15 @@ def load_baseline(cfg: Config, ref: str) -> tuple[dict[str, Any], str]:
     return {"metrics": dict(run.data.metrics), "params": params}, f"mlflow run {run.info.run_id}"
 
 
+def judge(summary: dict[str, Any], cfg: Config, tolerances: Mapping[str, float], ref: str):
+    """The regression verdict of a finished run against the baseline ``ref``, and its report."""
+    from fadrm.regression import check, report_markdown
+
+    baseline, source = load_baseline(cfg, ref)
+    verdict = check(summary, baseline, dict(tolerances), cfg.to_dict(), source)
+    return verdict, report_markdown(verdict)
+
+
 def _parse_param(text: str) -> Any:
     if text in ("None", "True", "False"):
         return {"None": None, "True": True, "False": False}[text]

@@ -16,8 +16,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from fadrm.config import load_config
-from fadrm.regression import RegressionFailed, check, report_markdown
-from fadrm.tracking import load_baseline, record_verdict
+from fadrm.regression import RegressionFailed
+from fadrm.tracking import judge, record_verdict
 from flows.distill import distill_flow
 
 DEFAULT_OUT = "outputs/regression"
@@ -38,13 +38,11 @@ def regression_flow(
     overrides = [f"out_dir={DEFAULT_OUT}", *(overrides or [])]
     summary = distill_flow(params, preset, overrides, force=True, track=track)
     cfg = load_config(params, preset, overrides)
-    reference, source = load_baseline(cfg, baseline or project.regression.baseline)
-    verdict = check(summary, reference, project.regression.tolerances, cfg.to_dict(), source)
-    report = report_markdown(verdict)
+    verdict, report = judge(summary, cfg, project.regression.tolerances, baseline or project.regression.baseline)
     create_markdown_artifact(report, key="fadrm-regression", description="regression check verdict")
     if summary.get("mlflow_run_id"):
         record_verdict(cfg, summary["mlflow_run_id"], verdict, report)
     logger.info("\n%s", report)
     if not verdict.passed:
-        raise RegressionFailed(f"regression against {source}:\n{report}")
+        raise RegressionFailed(f"regression against {verdict.baseline_source}:\n{report}")
     return {"summary": summary, "verdict": verdict.to_dict()}

@@ -88,3 +88,17 @@ def test_core_imports_no_orchestration_or_tracking_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_check_local_passes_on_the_baseline_and_exits_1_on_a_regression(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    baseline = str(Path(__file__).resolve().parents[1] / "benchmarks" / "baselines" / "smoke.json")
+    monkeypatch.chdir(tmp_path)
+    passed = runner.invoke(app, ["check", "--local", "--no-track", "--baseline", baseline])
+    assert passed.exit_code == 0, passed.output
+    assert "teacher_top1" in passed.output
+    failed = runner.invoke(app, ["check", "--local", "--no-track", "--baseline", baseline,
+                                 "-S", "squeeze.lr=0.000001"])
+    assert failed.exit_code == 1, failed.output
+    assert "regression against" in failed.output

@@ -61,16 +61,15 @@ def check_command(
         _update_baseline(params, chosen, set_ or [], reference, no_track)
         return
     if local:
-        from fadrm.regression import RegressionFailed, check, report_markdown
-        from fadrm.tracking import load_baseline
+        from fadrm.regression import RegressionFailed
+        from fadrm.tracking import judge
 
         cfg = load_config(params, chosen, ["out_dir=outputs/regression", *(set_ or [])])
         summary = run_local(cfg, no_track, force=True)
-        ref, source = load_baseline(cfg, reference)
-        verdict = check(summary, ref, project.regression.tolerances, cfg.to_dict(), source)
-        typer.echo(report_markdown(verdict))
+        verdict, report = judge(summary, cfg, project.regression.tolerances, reference)
+        typer.echo(report)
         if not verdict.passed:
-            raise RegressionFailed(f"regression against {source}")
+            raise RegressionFailed(f"regression against {verdict.baseline_source}")
         return
     from flows.regression import regression_flow
 
