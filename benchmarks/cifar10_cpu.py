@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fadrm.config import RecoverConfig, load_config
+from fadrm.data.facts import default_recover_crop_scale
 from fadrm.data.prepared import Prepared
 from fadrm.losses import BNStatsLoss
 from fadrm.pipeline import run_pipeline
@@ -112,7 +113,8 @@ def step_throughput(weights: Path, cfg, batch: int = 100, steps: int = 30) -> di
     teacher_ = Teacher(name, model, BNStatsLoss(model))
     bounds = (data.normalize(torch.zeros(1, 3, 1, 1)), data.normalize(torch.ones(1, 3, 1, 1)))
     start = time.perf_counter()
-    recover_batch(x, y, [teacher_], rc.schedule, rc, merges=True, bounds=bounds, jitter_limit=4, precision="fp32",
+    recover_batch(x, y, [teacher_], rc.schedule, rc, merges=True, bounds=bounds, jitter_limit=4,
+                  crop_scale=default_recover_crop_scale(32), precision="fp32",
                   rng=np.random.default_rng(0))
     recover_step = (time.perf_counter() - start) / steps
     teacher_.bn.remove()

@@ -125,7 +125,9 @@ class RecoverConfig(Section):
     first_bn_weight: float = Field(10.0, ge=0, description="w_1, the first BN layer's weight")
     batch_size: int = Field(100, ge=1)
     jitter: int | None = Field(None, ge=0, description="circular shift; None: 4 below 128 px, else 32")
-    crop_scale: Pair = (0.08, 1.0)
+    crop_scale: Pair | None = Field(
+        None, description="random-resized-crop scale of the views; None: (0.5, 1) up to 64 px, else (0.08, 1)"
+    )
     precision: Precision = "auto"
     log_every: int = Field(10, ge=1, description="record the loss every N iterations")
 

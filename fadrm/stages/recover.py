@@ -30,7 +30,7 @@ from torch import nn
 from fadrm import distributed
 from fadrm.augment import recovery_view
 from fadrm.config import Config, RecoverConfig
-from fadrm.data.facts import default_jitter, default_schedule
+from fadrm.data.facts import default_jitter, default_recover_crop_scale, default_schedule
 from fadrm.data.prepared import Prepared
 from fadrm.device import autocast, grad_scaler, resolve_precision
 from fadrm.distilled import grid_by_class, load_set, save_set, to_uint8
@@ -132,6 +132,7 @@ def recover_batch(
     merges: bool,
     bounds: tuple[torch.Tensor, torch.Tensor],
     jitter_limit: int,
+    crop_scale: tuple[float, float],
     precision: str,
     rng: np.random.Generator,
     on_step=None,
@@ -154,7 +155,7 @@ def recover_batch(
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, total, rc.lr)
             teacher = teachers[teacher_for_step(step, len(teachers))]
-            view = recovery_view(x, res, tuple(rc.crop_scale), jitter_limit, rng)
+            view = recovery_view(x, res, crop_scale, jitter_limit, rng)
             with autocast(device, precision):
                 logits = teacher.model(view)
             ce = F.cross_entropy(logits.float(), targets)
@@ -204,6 +205,7 @@ def _recover_all(cfg: Config, spec: MethodSpec, data: Prepared, init: torch.Tens
     precision = "fp32" if spec.fp32 else resolve_precision(rc.precision, device)
     bounds = (data.normalize(torch.zeros(1, 3, 1, 1)), data.normalize(torch.ones(1, 3, 1, 1)))
     jitter_limit = rc.jitter if rc.jitter is not None else default_jitter(data.resolution)
+    crop_scale = tuple(rc.crop_scale) if rc.crop_scale is not None else default_recover_crop_scale(data.resolution)
     order = _class_interleaved(labels)
     batches = [order[s : s + rc.batch_size] for s in range(0, len(order), rc.batch_size)]
     partial = run.layout.partial("recover") / stage_fingerprint("recover", cfg, run.layout)[:16]
@@ -227,7 +229,8 @@ def _recover_all(cfg: Config, spec: MethodSpec, data: Prepared, init: torch.Tens
         start = time.perf_counter()
         x, log = recover_batch(
             x_init, targets, teachers, schedule, rc, merges=spec.merges, bounds=bounds,
-            jitter_limit=jitter_limit, precision=precision, rng=rng, on_step=progress.update, names=names,
+            jitter_limit=jitter_limit, crop_scale=crop_scale, precision=precision, rng=rng,
+            on_step=progress.update, names=names,
         )
         busy += time.perf_counter() - start
         fresh += len(idx)
