@@ -30,7 +30,7 @@ from fadrm.data.facts import default_recover_crop_scale
 from fadrm.data.prepared import Prepared
 from fadrm.losses import BNStatsLoss
 from fadrm.pipeline import run_pipeline
-from fadrm.stage import Layout
+from fadrm.stage import Layout, is_current
 from fadrm.stages.prepare import prepare
 from fadrm.stages.recover import Teacher, recover_batch
 from fadrm.stages.squeeze import load_teachers, squeeze
@@ -73,8 +73,8 @@ def teacher() -> dict:
 
 def methods(weights: Path, names: list[str], extra: list[str] = (), tag: str = "") -> dict:
     shared = OUT / "prepared"
-    if not (shared / "prepare").is_dir():
-        prepare(config(shared))
+    if not is_current("prepare", config(shared), Layout.of(config(shared))):
+        prepare(config(shared))  # once here, not again in every method's copy (stale after code changes)
     results = {}
     for name in names:
         out = OUT / f"{name}{tag}"
