@@ -30,7 +30,7 @@ from fadrm.data.facts import default_recover_crop_scale
 from fadrm.data.prepared import Prepared
 from fadrm.losses import BNStatsLoss
 from fadrm.pipeline import run_pipeline
-from fadrm.stage import Layout, is_current
+from fadrm.stage import Layout
 from fadrm.stages.prepare import prepare
 from fadrm.stages.recover import Teacher, recover_batch
 from fadrm.stages.squeeze import load_teachers, squeeze
@@ -73,8 +73,7 @@ def teacher() -> dict:
 
 def methods(weights: Path, names: list[str], extra: list[str] = (), tag: str = "") -> dict:
     shared = OUT / "prepared"
-    if not is_current("prepare", config(shared), Layout.of(config(shared))):
-        prepare(config(shared))  # once here, not again in every method's copy (stale after code changes)
+    run_pipeline(config(shared), until="prepare")  # refreshed once here, not in every method's copy
     results = {}
     for name in names:
         out = OUT / f"{name}{tag}"
@@ -87,6 +86,7 @@ def methods(weights: Path, names: list[str], extra: list[str] = (), tag: str = "
         summary["wall_seconds"] = round(time.perf_counter() - start, 1)
         summary["overrides"] = [*METHOD_OVERRIDES[name], *extra]
         summary["load_avg_1min_at_end"] = os.getloadavg()[0]
+        summary["torch_threads"] = torch.get_num_threads()
         write(out / "bench.json", summary)  # each method's figures survive an interrupted sweep
         results[f"{name}{tag}"] = summary
         print(json.dumps({name: {k: summary[k] for k in ("student_top1", "student_top5", "recover_s_per_image")}}),
@@ -153,7 +153,7 @@ def render_docs() -> Path:
     if methods_file.is_file():
         m = json.loads(methods_file.read_text())
         header = ["| run | student top-1 | top-5 | best top-1 | recover s/image | recover peak MB | recover seconds "
-                  "| load (1 min) | overrides |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| load (1 min) | threads | overrides |", "|---|---|---|---|---|---|---|---|---|---|"]
         main_runs = {k: v for k, v in m["methods"].items() if k in METHOD_OVERRIDES}
         others = {k: v for k, v in m["methods"].items() if k not in METHOD_OVERRIDES}
         lines += ["## Methods at IPC 10 (same teacher, same relabel/evaluate protocol)", "",
@@ -162,9 +162,8 @@ def render_docs() -> Path:
                   *header, *map(_row, main_runs.items())]
         if others:
             lines += ["", "### Variants and seed replicates (`--tag` with `-S` overrides)", "",
-                      "This session's sweep runs went two at a time with one torch thread each (`OMP_NUM_THREADS=1`); "
-                      "the two marked 'previous session' shared the cores with other jobs. Their timings are not "
-                      "comparable with the table above; their accuracies are.", "",
+                      "Timings compare only between runs with the same torch threads and no other load (a load "
+                      "above the thread count means other jobs shared the cores); accuracies compare across all.", "",
                       *header, *map(_row, others.items())]
         st = m["step_throughput"]
         lines += ["", f"Recovery step vs plain training step of the teacher, batch {st['batch']}, 32 px, fp32: "
@@ -183,6 +182,7 @@ def _row(item: tuple[str, dict]) -> str:
             f"{100 * r['student_best_top1']:.2f}% | {spi if spi is not None else '-'} | "
             f"{rec.get('peak_mem_mb', '-')} | {rec.get('seconds', '-')} | "
             f"{'-' if (load := r.get('load_avg_1min_at_end')) is None else round(load, 2)} | "
+            f"{r.get('torch_threads', '-')} | "
             f"`{' '.join(r.get('overrides', []))}` |")
 
 

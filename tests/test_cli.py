@@ -3,6 +3,7 @@ MLflow, Prefect, Typer and DVC."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -91,8 +92,6 @@ def test_core_imports_no_orchestration_or_tracking_library():
 
 
 def test_check_local_passes_on_the_baseline_and_exits_1_on_a_regression(tmp_path, monkeypatch):
-    from pathlib import Path
-
     baseline = str(Path(__file__).resolve().parents[1] / "benchmarks" / "baselines" / "smoke.json")
     monkeypatch.chdir(tmp_path)
     passed = runner.invoke(app, ["check", "--local", "--no-track", "--baseline", baseline])
