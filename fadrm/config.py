@@ -80,7 +80,7 @@ class SqueezeConfig(Section):
     """Teacher training (SGD, warmup + cosine, label smoothing, crop + flip)."""
 
     teachers: tuple[TeacherConfig, ...] = (TeacherConfig(),)
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=0, description="0: the teacher stays untrained (a sanity baseline)")
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -188,8 +188,8 @@ class RegressionConfig(Section):
     baseline: str = Field("benchmarks/baselines/smoke.json", description="file or mlflow:<run id|tag>")
     preset: str = "smoke"
     tolerances: dict[str, float] = Field(
-        default_factory=lambda: {"student_top1": 0.05, "teacher_top1": 0.05},
-        description="metric -> largest allowed drop (absolute)",
+        default_factory=lambda: {"student_top1": 0.05, "teacher_top1": 0.06, "recover_psnr": 1.7},
+        description="metric -> largest allowed drop (absolute; benchmarks/baselines/README.md)",
     )
 
 

@@ -194,6 +194,7 @@ def summarize(layout: Layout) -> dict[str, Any]:
         "student_top5": get("evaluate", "top5"),
         "student_best_top1": get("evaluate", "best_top1"),
         "recover_s_per_image": get("recover", "s_per_image"),
+        "recover_psnr": get("recover", "psnr_vs_init"),
         "relabel_bytes_per_image_epoch": get("relabel", "bytes_per_image_epoch"),
         "total_seconds": round(sum(s.get("seconds", 0.0) for s in stages.values()), 3),
         "stages": {

@@ -1,4 +1,4 @@
-"""Shared fixtures: quiet, isolated settings; the smoke pipeline run once per session;
+"""Shared fixtures: quiet, isolated settings; the tiny pipeline run once per session;
 small ImageFolder trees made of real images from the built-in CIFAR-10 subset."""
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
-def smoke_config(out_dir: Path, *overrides: str):
-    """The smoke preset with its outputs in ``out_dir`` (tracking off unless asked)."""
-    return load_config(None, "smoke", [f"out_dir={out_dir}", "tracking.enabled=false", *overrides])
+def tiny_config(out_dir: Path, *overrides: str):
+    """The tiny preset with its outputs in ``out_dir`` (tracking off unless asked)."""
+    return load_config(None, "tiny", [f"out_dir={out_dir}", "tracking.enabled=false", *overrides])
 
 
 @pytest.fixture(scope="session")
@@ -71,21 +71,21 @@ def tiny_tree(builtin_tree, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smoke_run():
-    """The whole smoke pipeline, run once for the session; returns (config, summary)."""
+def tiny_run():
+    """The whole tiny pipeline, run once for the session; returns (config, summary)."""
     from fadrm.pipeline import run_pipeline
 
-    cfg = smoke_config(_SESSION_TMP / "smoke")
+    cfg = tiny_config(_SESSION_TMP / "tiny")
     return cfg, run_pipeline(cfg)
 
 
 @pytest.fixture
-def smoke_copy(smoke_run, tmp_path):
-    """A private copy of the session's smoke outputs (for tests that rerun or break stages)."""
-    cfg, _ = smoke_run
+def tiny_copy(tiny_run, tmp_path):
+    """A private copy of the session's tiny outputs (for tests that rerun or break stages)."""
+    cfg, _ = tiny_run
     dest = tmp_path / "out"
     shutil.copytree(cfg.out_dir, dest)
-    return smoke_config(dest)
+    return tiny_config(dest)
 
 
 @pytest.fixture

@@ -33,15 +33,15 @@ def test_top_level_help_lists_the_commands():
 
 
 def test_config_prints_the_resolved_yaml():
-    result = runner.invoke(app, ["config", "--preset", "smoke", "-S", "recover.alpha=0.7"])
+    result = runner.invoke(app, ["config", "--preset", "tiny", "-S", "recover.alpha=0.7"])
     assert result.exit_code == 0
     data = yaml.safe_load(result.output)
-    assert data["preset"] == "smoke" and data["recover"]["alpha"] == 0.7 and data["ipc"] == 2
+    assert data["preset"] == "tiny" and data["recover"]["alpha"] == 0.7 and data["ipc"] == 2
 
 
 def test_presets_are_listed():
     result = runner.invoke(app, ["presets"])
-    assert {"smoke", "default", "cifar10-cpu", "cifar100", "tiny-imagenet", "imagenet-1k"} <= set(result.output.split())
+    assert {"smoke", "tiny", "default", "cifar10-cpu", "cifar100", "tiny-imagenet", "imagenet-1k"} <= set(result.output.split())
 
 
 @pytest.mark.parametrize(
@@ -64,7 +64,7 @@ def test_bad_input_is_one_message_and_exit_2(args, message, tmp_path, monkeypatc
 
 def test_stage_commands_run_the_pipeline(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    common = ["--preset", "smoke", "--no-track", "-S", "squeeze.epochs=1", "-S", "evaluate.epochs=2"]
+    common = ["--preset", "tiny", "--no-track", "-S", "squeeze.epochs=1", "-S", "evaluate.epochs=2"]
     for stage in STAGE_ORDER:
         result = runner.invoke(app, [stage, *common])
         assert result.exit_code == 0, result.output

@@ -16,7 +16,7 @@ def test_params_yaml_is_the_default_configuration():
 
 def test_every_preset_validates_and_leaves_out_dir_alone():
     names = available_presets()
-    assert {"smoke", "default", "cifar10-cpu", "cifar100", "tiny-imagenet", "imagenet-1k"} <= set(names)
+    assert {"smoke", "tiny", "default", "cifar10-cpu", "cifar100", "tiny-imagenet", "imagenet-1k"} <= set(names)
     for name in names:
         cfg = load_config(None, name)
         assert cfg.preset == name
@@ -61,7 +61,7 @@ def test_override_parsing(text, keys, value):
 def test_overrides_apply_over_preset_over_file(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump({"ipc": 7, "squeeze": {"epochs": 3, "lr": 0.3}}))
-    cfg = load_config(path, "smoke", ["squeeze.epochs=9", "squeeze.teachers.0.arch=resnet18"])
+    cfg = load_config(path, "tiny", ["squeeze.epochs=9", "squeeze.teachers.0.arch=resnet18"])
     assert cfg.ipc == 2  # the preset beats the file
     assert cfg.squeeze.lr == 0.05  # the preset sets lr too
     assert cfg.squeeze.epochs == 9  # -S beats both
@@ -70,7 +70,7 @@ def test_overrides_apply_over_preset_over_file(tmp_path):
 
 def test_preset_key_in_file_and_override_of_preset(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text("preset: smoke\n")
+    path.write_text("preset: tiny\n")
     assert load_config(path).ipc == 2
     assert load_config(path, overrides=["preset=default"]).ipc == 10
 

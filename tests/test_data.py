@@ -13,11 +13,11 @@ from fadrm.errors import DataError, UnsafeArchiveError
 from fadrm.stage import Layout
 from fadrm.stages.prepare import prepare
 
-from .conftest import make_tree, smoke_config
+from .conftest import make_tree, tiny_config
 
 
 def _prepare(tmp_path, *overrides):
-    cfg = smoke_config(tmp_path / "out", *overrides)
+    cfg = tiny_config(tmp_path / "out", *overrides)
     metrics = prepare(cfg)
     return Prepared(Layout.of(cfg).stage("prepare")), metrics
 
@@ -108,7 +108,7 @@ def test_escaping_member_through_the_stage(tmp_path):
     with tarfile.open(archive, "w") as tf:
         info = tarfile.TarInfo("../outside.txt")
         tf.addfile(info, io.BytesIO(b""))
-    cfg = smoke_config(tmp_path / "out", "data.source=tar", f"data.path={archive}")
+    cfg = tiny_config(tmp_path / "out", "data.source=tar", f"data.path={archive}")
     with pytest.raises(UnsafeArchiveError):
         prepare(cfg)
     assert not Layout.of(cfg).stage("prepare").exists()  # nothing half-written
@@ -116,7 +116,7 @@ def test_escaping_member_through_the_stage(tmp_path):
 
 def test_bad_datasets_are_named(tiny_tree, tmp_path):
     def run(root):
-        return prepare(smoke_config(tmp_path / "out", "data.source=imagefolder", f"data.path={root}",
+        return prepare(tiny_config(tmp_path / "out", "data.source=imagefolder", f"data.path={root}",
                                     "data.resolution=32", "data.name=tiny"))
 
     with pytest.raises(DataError, match="does not exist"):
@@ -139,7 +139,7 @@ def test_bad_datasets_are_named(tiny_tree, tmp_path):
 def test_missing_test_split(tiny_tree, tmp_path):
     (tiny_tree / "test").rename(tiny_tree / "holdout")
     with pytest.raises(DataError, match="no 'val/' or 'test/'"):
-        prepare(smoke_config(tmp_path / "out", "data.source=imagefolder", f"data.path={tiny_tree}",
+        prepare(tiny_config(tmp_path / "out", "data.source=imagefolder", f"data.path={tiny_tree}",
                              "data.resolution=32"))
 
 
@@ -174,7 +174,7 @@ def test_torchvision_local_copy(builtin_tree, tmp_path, monkeypatch):
 
 def test_torchvision_missing_copy_says_how_to_get_it(tmp_path):
     with pytest.raises(DataError, match="data.download"):
-        prepare(smoke_config(tmp_path / "out", "data.source=torchvision", f"data.path={tmp_path / 'none'}"))
+        prepare(tiny_config(tmp_path / "out", "data.source=torchvision", f"data.path={tmp_path / 'none'}"))
 
 
 @pytest.mark.full_data

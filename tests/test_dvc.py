@@ -1,4 +1,4 @@
-"""DVC for real: `dvc repro` of the smoke preset in a temporary git repo, partial reruns,
+"""DVC for real: `dvc repro` of the tiny preset in a temporary git repo, partial reruns,
 experiments, and push/pull through a local remote."""
 
 import json
@@ -29,11 +29,11 @@ def sh(cwd, *args, check=True):
 
 
 def make_project(dest: Path, *overrides: str) -> Path:
-    """A git + DVC project holding this repo's pipeline with the smoke preset resolved into params.yaml."""
+    """A git + DVC project holding this repo's pipeline with the tiny preset resolved into params.yaml."""
     dest.mkdir(parents=True)
     shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")
     shutil.copytree(ROOT / "fadrm", dest / "fadrm", ignore=shutil.ignore_patterns("__pycache__"))
-    cfg = load_config(None, "smoke", ["tracking.enabled=false", *overrides])
+    cfg = load_config(None, "tiny", ["tracking.enabled=false", *overrides])
     (dest / "params.yaml").write_text(dump_yaml(cfg))
     (dest / ".gitignore").write_text("__pycache__/\n")
     sh(dest, "git", "init", "-q")

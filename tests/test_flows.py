@@ -30,14 +30,14 @@ def harness():
         yield
 
 
-def test_distill_flow_on_smoke(harness, tmp_path, monkeypatch):
+def test_distill_flow_on_tiny(harness, tmp_path, monkeypatch):
     from prefect.client.orchestration import get_client
 
     from flows.distill import distill_flow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    summary = distill_flow(params=str(tmp_path / "none.yaml"), preset="smoke", overrides=[f"out_dir={tmp_path / 'out'}"])
+    summary = distill_flow(params=str(tmp_path / "none.yaml"), preset="tiny", overrides=[f"out_dir={tmp_path / 'out'}"])
     assert summary["student_top1"] is not None and set(summary["stages"]) == set(STAGE_ORDER)
     # the same MLflow run tree as `fadrm run --local` and `dvc repro`
     client = MlflowClient(tracking_uri=uri)
@@ -79,6 +79,49 @@ def test_regression_check_passes_unchanged_and_fails_degraded(harness, tmp_path,
     assert sorted(verdicts) == ["failed", "passed"]
 
 
+BROKEN = {
+    "student-lr": (["-S", "evaluate.lr=1e-7"], "student_top1"),
+    "merge-skipped": ([], "recover_psnr"),  # the code's merge replaced by a plain resize (below)
+    "untrained-teacher": (["-S", "squeeze.epochs=0"], "teacher_top1"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["working", *BROKEN])
+def test_fadrm_check_passes_a_working_pipeline_and_fails_broken_ones(harness, tmp_path, monkeypatch, case):
+    """`fadrm check` (the Prefect regression flow, as scheduled) on the smoke preset and the committed
+    baseline: exit 0 when the pipeline works; exit 1 with the failing metric named, the verdict in
+    MLflow and a Prefect artifact when it is broken."""
+    from prefect.client.orchestration import get_client
+    from typer.testing import CliRunner
+
+    from fadrm.cli import app
+    from fadrm.stages import recover as recover_module
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    args, metric = BROKEN.get(case, ([], None))
+    if case == "merge-skipped":
+        monkeypatch.setattr(recover_module, "residual_merge", lambda x, init, alpha, size: recover_module.resize(x, size))
+    result = CliRunner().invoke(app, ["check", "--baseline", str(BASELINE), *args])
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("fadrm").experiment_id],
+                                filter_string="tags.`fadrm.kind` = 'pipeline'")
+    with get_client(sync_client=True) as prefect:
+        report = next(a for a in prefect.read_latest_artifacts() if a.key == "fadrm-regression").data
+    if case == "working":
+        assert result.exit_code == 0, result.output
+        assert run.data.tags["fadrm.regression"] == "passed" and "Regression check: PASSED" in report
+        return
+    assert result.exit_code == 1, result.output
+    assert "regression against" in result.output and metric in result.output
+    assert run.data.tags["fadrm.regression"] == "failed"
+    assert "Regression check: FAILED" in report and f"| {metric} |" in report
+    failing = [line for line in report.splitlines() if "**regressed**" in line]
+    assert any(line.startswith(f"| {metric} |") for line in failing)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -107,7 +150,7 @@ def _cli(env, *args, timeout=600):
 def test_deployment_is_run_by_a_worker(prefect_server, tmp_path):
     env = {**prefect_server, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     out_dir = tmp_path / "deployed"
-    deployed = _cli(env, "deploy", "--pool", "test-pool", "--name", "cpu", "--devices", "", "--preset", "smoke",
+    deployed = _cli(env, "deploy", "--pool", "test-pool", "--name", "cpu", "--devices", "", "--preset", "tiny",
                     "-S", f"out_dir={out_dir}")
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     worker = subprocess.Popen(["prefect", "worker", "start", "--pool", "test-pool", "--type", "process"],

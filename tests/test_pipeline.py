@@ -1,4 +1,4 @@
-"""The stages end to end on the smoke preset: outputs, lineage, determinism, bad inputs."""
+"""The stages end to end on the tiny preset: outputs, lineage, determinism, bad inputs."""
 
 import shutil
 
@@ -19,11 +19,11 @@ from fadrm.stages.relabel import SoftLabels, relabel
 from fadrm.stages.select import select
 from fadrm.stages.squeeze import load_teachers
 
-from .conftest import smoke_config
+from .conftest import tiny_config
 
 
-def test_smoke_run_end_to_end(smoke_run):
-    cfg, summary = smoke_run
+def test_tiny_run_end_to_end(tiny_run):
+    cfg, summary = tiny_run
     layout = Layout.of(cfg)
     for key in ("teacher_top1", "student_top1", "student_top5", "recover_s_per_image"):
         assert summary[key] is not None
@@ -40,8 +40,8 @@ def test_smoke_run_end_to_end(smoke_run):
     assert "teacher top-1" in table and "recover" in table
 
 
-def test_select_lineage_points_at_real_files(smoke_run):
-    cfg, _ = smoke_run
+def test_select_lineage_points_at_real_files(tiny_run):
+    cfg, _ = tiny_run
     layout = Layout.of(cfg)
     manifest = read_json(layout.stage("select") / "manifest.json")
     data = Prepared(layout.stage("prepare"))
@@ -59,8 +59,8 @@ def test_select_lineage_points_at_real_files(smoke_run):
     assert [e["patches"] for e in recovered["images"]] == [e["patches"] for e in manifest["images"]]
 
 
-def test_replayed_views_reproduce_the_stored_logits(smoke_run):
-    cfg, _ = smoke_run
+def test_replayed_views_reproduce_the_stored_logits(tiny_run):
+    cfg, _ = tiny_run
     layout = Layout.of(cfg)
     data = Prepared(layout.stage("prepare"))
     images, _, _ = load_set(layout.stage("recover"))
@@ -79,51 +79,51 @@ def test_replayed_views_reproduce_the_stored_logits(smoke_run):
 
 
 def test_stage_without_inputs_is_a_clear_error(tmp_path):
-    cfg = smoke_config(tmp_path / "empty")
+    cfg = tiny_config(tmp_path / "empty")
     with pytest.raises(MissingInputError, match=r"'recover' needs the output of 'prepare'.*fadrm prepare"):
         recover(cfg)
     assert not (tmp_path / "empty" / "recover").exists()
 
 
-def test_ipc_larger_than_a_class(smoke_copy):
-    cfg = smoke_config(smoke_copy.out_dir, "ipc=101", "method=random")
+def test_ipc_larger_than_a_class(tiny_copy):
+    cfg = tiny_config(tiny_copy.out_dir, "ipc=101", "method=random")
     with pytest.raises(DataError, match="ipc=101 but class 'airplane' has only 100"):
         select(cfg)
-    cfg = smoke_config(smoke_copy.out_dir, "ipc=25")
+    cfg = tiny_config(tiny_copy.out_dir, "ipc=25")
     with pytest.raises(ConfigError, match="20 candidate images cannot give ipc x factor.2 = 25"):
         select(cfg)
 
 
-def test_failed_stage_leaves_the_old_output_and_no_partial_folder(smoke_copy):
-    layout = Layout.of(smoke_copy)
+def test_failed_stage_leaves_the_old_output_and_no_partial_folder(tiny_copy):
+    layout = Layout.of(tiny_copy)
     before = sorted(p.name for p in (layout.stage("recover") / "images").rglob("*.png"))
-    bad = smoke_config(smoke_copy.out_dir, "recover.schedule=[[32, 2], [16, 2]]")
+    bad = tiny_config(tiny_copy.out_dir, "recover.schedule=[[32, 2], [16, 2]]")
     with pytest.raises(ConfigError, match="ends at 16 px"):
         recover(bad)
     assert sorted(p.name for p in (layout.stage("recover") / "images").rglob("*.png")) == before
     assert not [p for p in layout.root.iterdir() if ".tmp-" in p.name]
 
 
-def test_same_seed_same_bits(smoke_copy, tmp_path):
+def test_same_seed_same_bits(tiny_copy, tmp_path):
     """Same seed, config and machine: bit-identical synthetic images and soft labels on CPU."""
-    layout = Layout.of(smoke_copy)
+    layout = Layout.of(tiny_copy)
     first_images = load_set(layout.stage("recover"))[0]
     first_labels = load_file(str(layout.stage("relabel") / "labels.safetensors"))
     for stage in (select, recover, relabel):
-        stage(smoke_copy)
+        stage(tiny_copy)
     assert torch.equal(load_set(layout.stage("recover"))[0], first_images)
     again = load_file(str(layout.stage("relabel") / "labels.safetensors"))
     assert all(torch.equal(first_labels[k], again[k]) for k in first_labels)
-    other = smoke_config(smoke_copy.out_dir, "seed=1")
+    other = tiny_config(tiny_copy.out_dir, "seed=1")
     select(other)
     recover(other)
     assert not torch.equal(load_set(layout.stage("recover"))[0], first_images)
 
 
-def test_rerun_skips_current_stages_and_redoes_changed_ones(smoke_copy):
-    layout = Layout.of(smoke_copy)
-    assert all(is_current(s, smoke_copy, layout) for s in STAGE_ORDER)
-    changed = smoke_config(smoke_copy.out_dir, "relabel.epochs=2")
+def test_rerun_skips_current_stages_and_redoes_changed_ones(tiny_copy):
+    layout = Layout.of(tiny_copy)
+    assert all(is_current(s, tiny_copy, layout) for s in STAGE_ORDER)
+    changed = tiny_config(tiny_copy.out_dir, "relabel.epochs=2")
     assert [s for s in STAGE_ORDER if not is_current(s, changed, layout)] == ["relabel", "evaluate"]
     seen = []
     run_pipeline(changed, announce=lambda s, status: seen.append((s, status)))
@@ -132,8 +132,8 @@ def test_rerun_skips_current_stages_and_redoes_changed_ones(smoke_copy):
 
 
 @pytest.mark.parametrize("method", ["rded", "random", "sre2l", "fadrm+"])
-def test_baselines_come_from_the_same_code(smoke_copy, method):
-    cfg = smoke_config(smoke_copy.out_dir, f"method={method}")
+def test_baselines_come_from_the_same_code(tiny_copy, method):
+    cfg = tiny_config(tiny_copy.out_dir, f"method={method}")
     select(cfg)
     metrics = recover(cfg)
     manifest = read_json(Layout.of(cfg).stage("select") / "manifest.json")
@@ -147,28 +147,28 @@ def test_baselines_come_from_the_same_code(smoke_copy, method):
         assert metrics["teachers"] == ["0-convnet"]
 
 
-def test_online_labels_and_hard_labels(smoke_copy):
-    online = smoke_config(smoke_copy.out_dir, "relabel.mode=online", "evaluate.epochs=2")
+def test_online_labels_and_hard_labels(tiny_copy):
+    online = tiny_config(tiny_copy.out_dir, "relabel.mode=online", "evaluate.epochs=2")
     assert relabel(online)["bytes_total"] == 0
     assert not (Layout.of(online).stage("relabel") / "labels.safetensors").exists()
     metrics = evaluate(online)
     assert metrics["label_mode"] == "online" and 0 <= metrics["top1"] <= 1
-    hard = smoke_config(smoke_copy.out_dir, "relabel.mode=online", "evaluate.labels=hard", "evaluate.epochs=2")
+    hard = tiny_config(tiny_copy.out_dir, "relabel.mode=online", "evaluate.labels=hard", "evaluate.epochs=2")
     assert evaluate(hard)["labels"] == "hard"
 
 
-def test_stored_labels_are_compact(smoke_run):
-    cfg, summary = smoke_run
+def test_stored_labels_are_compact(tiny_run):
+    cfg, summary = tiny_run
     metrics = read_json(Layout.of(cfg).metrics("relabel"))
     # 10 fp16 logits (20 B) + the view record per image per epoch, plus the file header
     assert 20 < metrics["bytes_per_image_epoch"] < 120
     assert summary["relabel_bytes_per_image_epoch"] == metrics["bytes_per_image_epoch"]
 
 
-def test_squeeze_resumes_from_its_checkpoint(smoke_copy, monkeypatch):
+def test_squeeze_resumes_from_its_checkpoint(tiny_copy, monkeypatch):
     from fadrm.stages import squeeze as squeeze_module
 
-    cfg = smoke_config(smoke_copy.out_dir, "squeeze.epochs=2")
+    cfg = tiny_config(tiny_copy.out_dir, "squeeze.epochs=2")
     layout = Layout.of(cfg)
     shutil.rmtree(layout.stage("squeeze"))
     calls = {"n": 0}
@@ -195,14 +195,14 @@ def test_squeeze_resumes_from_its_checkpoint(smoke_copy, monkeypatch):
 
 
 @pytest.mark.slow
-def test_recover_under_torchrun_equals_one_process(smoke_copy, tmp_path):
+def test_recover_under_torchrun_equals_one_process(tiny_copy, tmp_path):
     """Two CPU processes (Gloo) share the recovery batches; the result is bit-identical."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    cfg = smoke_config(smoke_copy.out_dir, "recover.batch_size=5")
+    cfg = tiny_config(tiny_copy.out_dir, "recover.batch_size=5")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun's workers run (OMP_NUM_THREADS=1): same arithmetic
     try:
@@ -214,7 +214,7 @@ def test_recover_under_torchrun_equals_one_process(smoke_copy, tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     result = subprocess.run(
         [str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", "--no-python", "fadrm", "recover",
-         "--preset", "smoke", "--no-track", "-S", f"out_dir={smoke_copy.out_dir}", "-S", "recover.batch_size=5",
+         "--preset", "tiny", "--no-track", "-S", f"out_dir={tiny_copy.out_dir}", "-S", "recover.batch_size=5",
          "-S", "tracking.enabled=false"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
         env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"},  # noqa: E501

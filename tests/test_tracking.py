@@ -42,7 +42,7 @@ def test_pipeline_run_tree_params_metrics_artifacts(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = _uri(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    result = runner.invoke(app, ["run", "--local", "--preset", "smoke"])
+    result = runner.invoke(app, ["run", "--local", "--preset", "tiny"])
     assert result.exit_code == 0, result.output
     client, runs = _experiment_runs(uri)
     parents = [r for r in runs if r.data.tags.get("fadrm.kind") == "pipeline"]
@@ -52,7 +52,7 @@ def test_pipeline_run_tree_params_metrics_artifacts(tmp_path, monkeypatch):
     assert sorted(r.info.run_name for r in children) == sorted(STAGE_ORDER)
     assert parent.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in children)
     # resolved config, flattened
-    assert parent.data.params["recover.alpha"] == "0.5" and parent.data.params["preset"] == "smoke"
+    assert parent.data.params["recover.alpha"] == "0.5" and parent.data.params["preset"] == "tiny"
     # summary and efficiency figures
     for key in ("student_top1", "student_top5", "teacher_top1", "recover_s_per_image", "stages.recover.seconds",
                 "stages.recover.peak_mem_mb"):
@@ -76,7 +76,7 @@ def test_pipeline_run_tree_params_metrics_artifacts(tmp_path, monkeypatch):
 
 def test_a_raising_stage_leaves_its_runs_failed(tmp_path):
     uri = _uri(tmp_path)
-    cfg = load_config(None, "smoke", [f"tracking.uri={uri}", f"out_dir={tmp_path / 'out'}"])
+    cfg = load_config(None, "tiny", [f"tracking.uri={uri}", f"out_dir={tmp_path / 'out'}"])
     with pytest.raises(RuntimeError, match="boom"):
         with open_tracker(cfg) as tracker, tracker.stage("recover"):
             raise RuntimeError("boom")
@@ -96,14 +96,14 @@ def _free_port():
 def test_unreachable_server_fails_before_any_work(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     dead = f"http://127.0.0.1:{_free_port()}"
-    result = runner.invoke(app, ["run", "--local", "--preset", "smoke", "-S", f"tracking.uri={dead}"])
+    result = runner.invoke(app, ["run", "--local", "--preset", "tiny", "-S", f"tracking.uri={dead}"])
     assert result.exit_code == 2 and "unreachable" in result.output and "--no-track" in result.output
     assert not (tmp_path / "outputs").exists()
-    cfg = load_config(None, "smoke", [f"tracking.uri={dead}", "tracking.on_unreachable=continue"])
+    cfg = load_config(None, "tiny", [f"tracking.uri={dead}", "tracking.on_unreachable=continue"])
     with open_tracker(cfg) as tracker:
         assert tracker is NULL_TRACKER
     with pytest.raises(TrackingError):
-        with open_tracker(load_config(None, "smoke", [f"tracking.uri={dead}"])):
+        with open_tracker(load_config(None, "tiny", [f"tracking.uri={dead}"])):
             pass
 
 
@@ -128,7 +128,7 @@ def test_a_real_mlflow_server_receives_the_run(mlflow_server, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     for stage in ("prepare", "squeeze"):
-        result = runner.invoke(app, [stage, "--preset", "smoke", "-S", "squeeze.epochs=1"])
+        result = runner.invoke(app, [stage, "--preset", "tiny", "-S", "squeeze.epochs=1"])
         assert result.exit_code == 0, result.output
     client, runs = _experiment_runs(mlflow_server)
     parents = [r for r in runs if r.data.tags.get("fadrm.kind") == "pipeline"]
@@ -141,11 +141,11 @@ def test_a_real_mlflow_server_receives_the_run(mlflow_server, tmp_path, monkeypa
     assert "0-convnet.safetensors" in _artifacts(client, squeeze_run.info.run_id)
 
 
-def test_compare_two_runs(smoke_copy, tmp_path, monkeypatch):
+def test_compare_two_runs(tiny_copy, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = _uri(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    base = ["-S", f"out_dir={smoke_copy.out_dir}", "--preset", "smoke"]
+    base = ["-S", f"out_dir={tiny_copy.out_dir}", "--preset", "tiny"]
     for method in ("fadrm", "sre2l"):
         for stage in ("select", "recover", "relabel", "evaluate"):
             result = runner.invoke(app, [stage, *base, "-S", f"method={method}"])
