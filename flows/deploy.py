@@ -64,8 +64,14 @@ def deploy_distill(pool: str = "gpu", name: str = "gpu", parameters: dict | None
 
 def deploy_regression(cron: str, pool: str = "gpu", name: str = "nightly", parameters: dict | None = None,
                       devices: str | None = "0", root: Path = PROJECT_ROOT, timezone: str = "UTC") -> str:
-    """Deploy the regression flow with a cron schedule; returns the deployment id."""
+    """Deploy the regression flow with a cron schedule; returns the deployment id.
+
+    At most one check runs at a time: they share ``outputs/regression``, and a tick that comes
+    while the previous check still runs is cancelled rather than queued behind it.
+    """
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.schedules import Cron
 
+    one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
     return _deploy(REGRESSION_ENTRY, name, pool, parameters or {}, devices, root,
-                   schedule=Cron(cron, timezone=timezone))
+                   schedule=Cron(cron, timezone=timezone), concurrency_limit=one_at_a_time)
