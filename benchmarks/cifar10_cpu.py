@@ -33,7 +33,8 @@ from fadrm.pipeline import run_pipeline
 from fadrm.stage import Layout
 from fadrm.stages.prepare import prepare
 from fadrm.stages.recover import Teacher, recover_batch
-from fadrm.stages.squeeze import load_teachers, squeeze
+from fadrm.stages.squeeze import squeeze
+from fadrm.teachers import load_teachers
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "outputs" / "bench" / "cifar10-cpu"

@@ -3,9 +3,11 @@
 Layout under ``out_dir`` (each stage folder is one DVC output)::
 
     prepare/ squeeze/ select/ recover/ relabel/ evaluate/    stage outputs
-    metrics/<stage>.json                                      per-stage figures (dvc metrics)
-    plots/<name>.json                                         curves (dvc plots)
-    metrics.json                                              the run summary
+    metrics/<stage>.json                                      per-stage figures
+    plots/<name>.json                                         curves (data; the PNGs are in the stage folders)
+    metrics.json                                              the run summary, every figure
+    headline.json                                             what `dvc metrics show` shows (see HEADLINE)
+    efficiency.png                                            seconds per stage
 
 A stage function opens :func:`stage_run`, writes into ``run.dir`` (a temporary folder) and
 fills ``run.metrics``; on success the folder is renamed into place with ``stage.json``
@@ -32,6 +34,7 @@ from fadrm.efficiency import StageMeter
 from fadrm.errors import MissingInputError
 from fadrm.io import STAGE_RECORD, atomic_dir, read_json, write_json
 from fadrm.tracker import NULL_TRACKER, Tracker, flatten
+from fadrm.visualize import bar_plot
 
 STAGE_ORDER = ("prepare", "squeeze", "select", "recover", "relabel", "evaluate")
 
@@ -68,6 +71,10 @@ class Layout:
     @property
     def summary(self) -> Path:
         return self.root / "metrics.json"
+
+    @property
+    def headline(self) -> Path:
+        return self.root / "headline.json"
 
     def partial(self, name: str) -> Path:
         """Where a long stage keeps finished pieces of work so that a rerun resumes."""
@@ -203,6 +210,30 @@ def summarize(layout: Layout) -> dict[str, Any]:
         },
     }
     write_json(layout.summary, summary)
+    write_json(layout.headline, headline(summary))
     rows = [{"stage": n, **{k: v for k, v in s.items() if k in ("seconds", "peak_mem_mb")}} for n, s in summary["stages"].items()]
     write_json(layout.plot("efficiency"), rows)
+    if rows:
+        bar_plot(rows, "stage", "seconds", layout.root / "efficiency.png", "time per stage", xlabel="seconds (log scale)",
+                 log=True)
     return summary
+
+
+# The few figures DVC tables show (`dvc metrics show`, `dvc exp show`): accuracy in percent like
+# every other fadrm table, then cost. Short keys, so that the table fits a terminal; every other
+# figure is in metrics.json (`dvc metrics show outputs/metrics.json`) and metrics/<stage>.json.
+HEADLINE = {
+    "student_top1_pct": ("student_top1", 100),
+    "teacher_top1_pct": ("teacher_top1", 100),
+    "recover_s_per_image": ("recover_s_per_image", 1),
+    "total_seconds": ("total_seconds", 1),
+}
+
+
+def headline(summary: dict[str, Any]) -> dict[str, float | None]:
+    """The headline figures of a run summary (missing ones as None)."""
+    out = {}
+    for key, (source, scale) in HEADLINE.items():
+        value = summary.get(source)
+        out[key] = None if value is None else round(value * scale, 4)
+    return out

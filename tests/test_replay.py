@@ -21,7 +21,7 @@ from fadrm.distilled import load_set
 from fadrm.stage import Layout
 from fadrm.stages import evaluate as evaluate_module
 from fadrm.stages.relabel import SoftLabels
-from fadrm.stages.squeeze import load_teachers
+from fadrm.teachers import load_teachers
 
 from .conftest import tiny_config
 

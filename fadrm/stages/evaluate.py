@@ -28,7 +28,7 @@ from fadrm.progress import bar
 from fadrm.stage import stage_run, summarize
 from fadrm.stages.relabel import SoftLabels
 from fadrm.tracker import NULL_TRACKER, Tracker
-from fadrm.visualize import line_plot
+from fadrm.visualize import Axis, line_plot
 from fadrm.weights import save_weights
 
 
@@ -96,8 +96,11 @@ def evaluate(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
         tested = [{k: r[k] for k in ("epoch", "top1", "top5")} for r in curve if "top1" in r]
         run.plots["evaluate_accuracy"] = tested
         run.plots["evaluate_loss"] = [{k: r[k] for k in ("epoch", "train_loss", "lr")} for r in curve]
-        line_plot(tested, "epoch", ["top1", "top5"], run.dir / "accuracy.png", f"student {ev.student}: test accuracy")
-        line_plot(curve, "epoch", ["train_loss"], run.dir / "loss.png", f"student {ev.student}: training loss")
+        line_plot(tested, "epoch", Axis(("top1", "top5"), "test accuracy (%)", percent=True), run.dir / "accuracy.png",
+                  f"student {ev.student} on the real test split", xlabel="epoch")
+        loss_name = "KL divergence to the soft labels" if ev.labels == "soft" else "cross-entropy"
+        line_plot(curve, "epoch", Axis(("train_loss",), f"training loss ({loss_name})"), run.dir / "loss.png",
+                  f"student {ev.student} on the distilled set", xlabel="epoch")
         run.artifacts += ["accuracy.png", "loss.png", "student.json"]
         tests = sum(1 for r in curve if "top1" in r)
         flops = flops_per_sample(student, data.resolution, device, train=True) * ev.epochs * len(images)

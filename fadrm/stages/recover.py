@@ -41,9 +41,9 @@ from fadrm.methods import METHODS, MethodSpec
 from fadrm.models import has_batchnorm
 from fadrm.progress import bar
 from fadrm.stage import StageRun, stage_fingerprint, stage_run
-from fadrm.stages.squeeze import load_teachers
+from fadrm.teachers import load_teachers
 from fadrm.tracker import NULL_TRACKER, Tracker
-from fadrm.visualize import line_plot
+from fadrm.visualize import Axis, line_plot
 
 Schedule = tuple[tuple[int, int], ...]
 
@@ -68,7 +68,8 @@ def recover(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
         grid_by_class(run.dir / "grid.png", data.classes, [("init", init, labels), ("synthetic", images, labels)])
         run.plots["recover_loss"] = loss_rows
         if loss_rows:
-            line_plot(loss_rows, "step", ["loss", "ce", "bn"], run.dir / "loss.png", f"recover ({cfg.method}): loss")
+            line_plot(loss_rows, "step", Axis(("loss", "ce", "bn"), "loss, mean over batches (log scale)", log=True),
+                      run.dir / "loss.png", f"recover ({cfg.method})", xlabel="iteration (all resolution stages)")
             run.artifacts.append("loss.png")
         run.artifacts += ["manifest.json", "grid.png"]
         run.metrics.update(images=len(entries), psnr_vs_init=psnr(images, init), **stats)

@@ -24,7 +24,7 @@ from fadrm.errors import MissingInputError
 from fadrm.io import read_json, write_json
 from fadrm.progress import bar
 from fadrm.stage import stage_run
-from fadrm.stages.squeeze import load_teachers
+from fadrm.teachers import load_teachers
 from fadrm.tracker import NULL_TRACKER, Tracker
 
 LABELS = "labels.safetensors"

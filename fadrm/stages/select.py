@@ -27,7 +27,7 @@ from fadrm.errors import ConfigError, DataError
 from fadrm.methods import METHODS
 from fadrm.progress import bar
 from fadrm.stage import StageRun, stage_run
-from fadrm.stages.squeeze import load_teachers
+from fadrm.teachers import load_teachers
 from fadrm.tracker import NULL_TRACKER, Tracker
 
 SQUARE = (1.0, 1.0)

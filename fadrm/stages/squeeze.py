@@ -20,16 +20,15 @@ from fadrm.data.prepared import Prepared
 from fadrm.device import autocast, grad_scaler, resolve_precision
 from fadrm.efficiency import flops_per_sample
 from fadrm.engine import accuracy, param_groups, seed_everything, to_channels_last, warmup_cosine
-from fadrm.errors import DivergenceError, MissingInputError
+from fadrm.errors import DivergenceError
 from fadrm.io import read_json, write_json
 from fadrm.models import create_model
 from fadrm.progress import bar
 from fadrm.stage import StageRun, stage_run
+from fadrm.teachers import TEACHERS
 from fadrm.tracker import NULL_TRACKER, Tracker
-from fadrm.visualize import line_plot
+from fadrm.visualize import Axis, line_plot
 from fadrm.weights import load_weights, save_weights
-
-TEACHERS = "teachers.json"
 
 
 def squeeze(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
@@ -67,8 +66,9 @@ def squeeze(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
             run.artifacts += [card["file"], Path(card["file"]).with_suffix(".json").name]
         write_json(run.dir / TEACHERS, cards)
         if run.plots.get("squeeze_loss"):
-            line_plot(run.plots["squeeze_loss"], "epoch", ["train_loss", "test_top1"], run.dir / "loss.png",
-                      "teacher training", group="teacher")
+            line_plot(run.plots["squeeze_loss"], "epoch", Axis(("train_loss",), "training loss (cross-entropy)"),
+                      run.dir / "loss.png", "teacher training", xlabel="epoch", group="teacher",
+                      right=Axis(("test_top1",), "test top-1 accuracy (%)", percent=True))
             run.artifacts.append("loss.png")
         run.artifacts.append(TEACHERS)
         run.metrics.update(
@@ -178,18 +178,3 @@ def _resume(path, data_fp, cfg, model, optimizer, scheduler, scaler, generator) 
     torch.set_rng_state(state["torch_rng"])
     return int(state["epoch"])
 
-
-def load_teachers(squeeze_dir: Path, data: Prepared, device: torch.device, which: str = "all") -> list[tuple[str, nn.Module]]:
-    """The saved teachers (``which``: 'all' or 'first'), in eval mode on ``device``."""
-    listing = squeeze_dir / TEACHERS
-    if not listing.is_file():
-        raise MissingInputError(f"no {TEACHERS} in {squeeze_dir}; run `fadrm squeeze` first")
-    cards = read_json(listing)
-    if which == "first":
-        cards = cards[:1]
-    teachers = []
-    for card in cards:
-        model = create_model(card["arch"], data.num_classes, data.resolution)
-        load_weights(model, squeeze_dir / card["file"])
-        teachers.append((card["name"], model.to(device).eval().requires_grad_(False)))
-    return teachers
