@@ -1,0 +1,50 @@
+"""What a reader of the charts and the progress lines gets: labelled axes with units, accuracy
+in percent, log scales where terms differ by orders of magnitude, readable lines in logs."""
+
+import io
+
+import pytest
+
+from fadrm.progress import LogLines
+from fadrm.visualize import Axis, bar_plot, line_figure
+
+ROWS = [{"epoch": 1, "top1": 0.25, "top5": 0.6}, {"epoch": 2, "top1": 0.5, "top5": 0.9}]
+
+
+def test_accuracy_is_drawn_in_percent_with_labelled_axes():
+    fig = line_figure(ROWS, "epoch", Axis(("top1", "top5"), "test accuracy (%)", percent=True), "t", xlabel="epoch")
+    (ax,) = fig.axes
+    assert ax.get_ylabel() == "test accuracy (%)" and ax.get_xlabel() == "epoch"
+    lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert lines == {"top-1": [25.0, 50.0], "top-5": [60.0, 90.0]}
+    assert ax.yaxis.get_major_formatter()(50.0, 0) == "50%"
+
+
+def test_terms_of_different_magnitude_get_a_log_axis_and_a_second_unit_its_own_axis():
+    rows = [{"step": 0, "loss": 30.0, "ce": 2.0, "bn": 28.0, "acc": 0.1}, {"step": 10, "loss": 3.0, "ce": 0.1, "bn": 2.9}]
+    fig = line_figure(rows, "step", Axis(("loss", "ce", "bn"), "loss (log scale)", log=True), "t", xlabel="iteration",
+                      right=Axis(("acc",), "accuracy (%)", percent=True))
+    left, right = fig.axes
+    assert left.get_yscale() == "log" and left.get_ylabel() == "loss (log scale)"
+    assert right.get_ylabel() == "accuracy (%)" and list(right.get_lines()[0].get_ydata()) == [10.0]
+
+
+def test_bar_chart_of_seconds_has_a_labelled_log_axis(tmp_path):
+    rows = [{"stage": "prepare", "seconds": 0.5}, {"stage": "squeeze", "seconds": 300.0}]
+    path = bar_plot(rows, "stage", "seconds", tmp_path / "bars.png", "time per stage", xlabel="seconds (log scale)", log=True)
+    assert path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("interval", [0.0, 3600.0])
+def test_log_lines_end_with_the_final_state(interval):
+    out = io.StringIO()
+    progress = LogLines(4, "recover", unit="step", interval=interval, stream=out)
+    for _ in range(4):
+        progress.update()
+    progress.set_postfix(loss="0.5")
+    progress.close()
+    progress.close()
+    lines = out.getvalue().splitlines()
+    assert lines[-1].startswith("recover: 4/4 step (100%)") and lines[-1].endswith("loss=0.5")
+    assert len(lines) == (5 if interval == 0 else 1)  # a line per interval, one at the end, none twice
+    assert "\r" not in out.getvalue()
