@@ -3,10 +3,15 @@
 Stages whose output is current (same params, same inputs: see ``fadrm.stage.is_current``)
 are skipped unless ``force`` — rerunning after a change redoes only what it affects, like
 ``dvc repro``. The table printed at the end comes from ``<out>/metrics.json``.
+
+This is the one pipeline function: ``fadrm run --local`` calls it, and so does the Prefect
+flow, which only changes *how* a stage runs (``execute``: as a Prefect task with retries)
+while which stages run stays decided here.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +35,15 @@ STAGES: dict[str, Callable[[Config, Tracker], dict]] = {
 }
 assert tuple(STAGES) == STAGE_ORDER
 
+# How one stage is executed: called with the stage's name and a function that runs it (its
+# tracker scope included) and returns the stage metrics.
+StageExecutor = Callable[[str, Callable[[], dict]], dict]
+
+
+def in_process(name: str, run_stage: Callable[[], dict]) -> dict:
+    """The default executor: run the stage here, now."""
+    return run_stage()
+
 
 def run_pipeline(
     cfg: Config,
@@ -38,8 +52,10 @@ def run_pipeline(
     force: bool = False,
     until: str | None = None,
     announce: Callable[[str, str], None] = lambda stage, status: None,
+    execute: StageExecutor = in_process,
 ) -> dict[str, Any]:
-    """Run every stage (up to ``until``) in order; return the summary (``<out>/metrics.json``)."""
+    """Run every stage (up to ``until``) that is not current, in order, each through ``execute``;
+    return the summary (``<out>/metrics.json``)."""
     layout = Layout.of(cfg)
     names = STAGE_ORDER if until is None else STAGE_ORDER[: STAGE_ORDER.index(until) + 1]
     for name in names:
@@ -47,10 +63,14 @@ def run_pipeline(
             announce(name, "up to date")
             continue
         announce(name, "running")
-        with tracker.stage(name) as stage_tracker:
-            STAGES[name](cfg, stage_tracker)
+        execute(name, functools.partial(_run_stage, name, cfg, tracker))
         announce(name, "done")
     return summarize(layout)
+
+
+def _run_stage(name: str, cfg: Config, tracker: Tracker) -> dict:
+    with tracker.stage(name) as stage_tracker:
+        return STAGES[name](cfg, stage_tracker)
 
 
 def summary_table(summary: dict[str, Any]) -> str:

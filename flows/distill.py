@@ -1,4 +1,4 @@
-"""Prefect flow of the distillation pipeline: one task per stage, the same stage functions.
+"""Prefect flow of the distillation pipeline: one task per stage, the same pipeline function.
 
 Run it the way users do::
 
@@ -6,26 +6,28 @@ Run it the way users do::
     python -m flows.distill --preset smoke      # the same, without the CLI
     fadrm deploy --pool gpu                     # a deployment that GPU workers pick up
 
-Tasks pass paths and small dicts, never tensors: each stage reads its inputs from the
-output folder and writes its own. Retries cover I/O errors only; a user error (bad config,
-bad data) fails at once with its message. After the run, DVC knows the outputs (``dvc
-status`` has nothing to do) and MLflow holds one parent run with a child per stage.
+The flow calls :func:`fadrm.jobs.distill` — the job ``fadrm run --local`` runs — and only
+says how a stage is executed: as a Prefect task (:func:`stage_task`), with retries on I/O
+errors. Which stages run (the skip logic) stays in :func:`fadrm.pipeline.run_pipeline`.
+Tasks pass paths and small dicts, never tensors: each stage reads its inputs from the output
+folder and writes its own. After the run, DVC knows the outputs (``dvc status`` has nothing
+to do) and MLflow holds one parent run with a child per stage.
 """
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Callable
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
-from fadrm.config import Config, load_config, validate
+from fadrm.config import Config, load_config
 from fadrm.errors import FadrmError
-from fadrm.pipeline import STAGES, summary_table
-from fadrm.stage import STAGE_ORDER, Layout, is_current, summarize
-from fadrm.tracking import mlflow_run_link, open_tracker
-from flows.dvc_sync import sync_dvc
+from fadrm.jobs import distill
+from fadrm.pipeline import summary_table
+from fadrm.tracking import mlflow_run_link
 
 
 def retry_on_io(task, task_run, state) -> bool:
@@ -41,13 +43,20 @@ def retry_on_io(task, task_run, state) -> bool:
     return False
 
 
-@task(task_run_name="{name}", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_io)
-def stage_task(name: str, config: dict[str, Any], parent_run_id: str | None) -> dict[str, Any]:
-    """Run one stage (the same function the CLI and DVC call) under the pipeline's MLflow run."""
-    cfg = validate(config)
-    with open_tracker(cfg, stage=name, parent_run_id=parent_run_id, enabled=parent_run_id is not None) as tracker:
-        with tracker.stage(name) as stage_tracker:
-            return STAGES[name](cfg, stage_tracker)
+# NO_CACHE: whether a stage must run is the pipeline's decision (its fingerprints), not Prefect's.
+@task(task_run_name="{name}", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_io, cache_policy=NO_CACHE)
+def stage_task(name: str, run_stage: Callable[[], dict]) -> dict[str, Any]:
+    """One stage as a Prefect task: ``run_stage`` is the pipeline's own call of the stage function."""
+    return run_stage()
+
+
+def as_tasks(name: str, run_stage: Callable[[], dict]) -> dict[str, Any]:
+    """The pipeline's executor under Prefect: every stage that runs is a task run named after it."""
+    return stage_task(name, run_stage)
+
+
+def log_status(stage: str, status: str) -> None:
+    get_run_logger().info("%s: %s", stage, status)
 
 
 @flow(name="fadrm-distill", log_prints=True)
@@ -59,26 +68,16 @@ def distill_flow(
     track: bool = True,
 ) -> dict[str, Any]:
     """prepare -> squeeze -> select -> recover -> relabel -> evaluate; returns the run summary."""
-    logger = get_run_logger()
-    cfg = load_config(params, preset, overrides or [])
-    layout = Layout.of(cfg)
-    with open_tracker(cfg, enabled=track) as tracker:
-        parent_run_id = getattr(tracker, "run_id", None)
-        for name in STAGE_ORDER:
-            if not force and is_current(name, cfg, layout):
-                logger.info("%s: up to date, skipped", name)
-                continue
-            stage_task(name, cfg.to_dict(), parent_run_id)
-    summary = summarize(layout)
-    summary["mlflow_run_id"] = parent_run_id
-    _report(cfg, summary, parent_run_id)
-    summary["dvc"] = sync_dvc(cfg, params, preset, overrides)
-    logger.info("DVC: %s", summary["dvc"])
+    summary = distill(params, preset, overrides, track=track, force=force, execute=as_tasks, announce=log_status)
+    report(load_config(params, preset, overrides or []), summary)
+    get_run_logger().info("DVC: %s", summary["dvc"])
     return summary
 
 
-def _report(cfg: Config, summary: dict[str, Any], parent_run_id: str | None) -> None:
-    link = mlflow_run_link(cfg, parent_run_id) if parent_run_id else "tracking was off"
+def report(cfg: Config, summary: dict[str, Any]) -> None:
+    """The run summary as Prefect artifacts: a Markdown table and the time/memory per stage."""
+    run_id = summary.get("mlflow_run_id")
+    link = mlflow_run_link(cfg, run_id) if run_id else "tracking was off"
     markdown = "\n".join([
         f"# fadrm: {cfg.method}, IPC {cfg.ipc}, preset {cfg.preset or '(params.yaml)'}",
         "",
@@ -103,6 +102,4 @@ if __name__ == "__main__":
     parser.add_argument("--preset")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    result = distill_flow(args.params, args.preset, args.overrides)
-    print(summary_table(result))  # noqa: T201
-    sys.exit(0)
+    print(summary_table(distill_flow(args.params, args.preset, args.overrides)))  # noqa: T201

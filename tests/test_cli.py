@@ -1,6 +1,7 @@
 """The command line through Typer's test runner, and the rule that the core stays free of
 MLflow, Prefect, Typer and DVC."""
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -91,12 +92,62 @@ def test_core_imports_no_orchestration_or_tracking_library():
     assert out.stdout.strip() == ""
 
 
+# Which module may import each library: one adapter per tool, so that the core never does.
+OWNERS = {"mlflow": ("fadrm/tracking.py",), "dvc": ("fadrm/dvc_sync.py",), "prefect": ("flows/",), "typer": ("fadrm/cli/",)}
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at top level or inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_each_tool_is_imported_by_its_one_adapter():
+    root = Path(__file__).resolve().parents[1]
+    misplaced = []
+    for path in sorted([*root.glob("fadrm/**/*.py"), *root.glob("flows/*.py")]):
+        rel = path.relative_to(root).as_posix()
+        for name in _imports(path):
+            owner = OWNERS.get(name.split(".")[0])
+            if owner and not rel.startswith(owner):
+                misplaced.append(f"{rel} imports {name}")
+    assert misplaced == []
+
+
+def test_stages_do_not_import_each_other():
+    """Shared readers live beside the stages (fadrm/teachers.py loads the teachers for select, recover,
+    relabel). One exception is left: evaluate reads relabel's soft labels through relabel.SoftLabels."""
+    root = Path(__file__).resolve().parents[1] / "fadrm" / "stages"
+    crossing = {
+        (path.stem, name.rsplit(".", 1)[1])
+        for path in root.glob("*.py")
+        for name in _imports(path)
+        if name.startswith("fadrm.stages.") and name != f"fadrm.stages.{path.stem}"
+    }
+    assert crossing == {("evaluate", "relabel")}
+
+
 def test_check_local_passes_on_the_baseline_and_exits_1_on_a_regression(tmp_path, monkeypatch):
+    """`fadrm check --local` is the flow's regression function without Prefect: same verdict, recorded in MLflow."""
+    from mlflow import MlflowClient
+
     baseline = str(Path(__file__).resolve().parents[1] / "benchmarks" / "baselines" / "smoke.json")
     monkeypatch.chdir(tmp_path)
-    passed = runner.invoke(app, ["check", "--local", "--no-track", "--baseline", baseline])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    passed = runner.invoke(app, ["check", "--local", "--baseline", baseline])
     assert passed.exit_code == 0, passed.output
     assert "teacher_top1" in passed.output
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("fadrm").experiment_id],
+                                filter_string="tags.`fadrm.kind` = 'pipeline'")
+    assert run.data.tags["fadrm.regression"] == "passed" and run.data.tags["fadrm.regression.baseline"] == baseline
+    assert "regression/regression.md" in [a.path for a in client.list_artifacts(run.info.run_id, "regression")]
     failed = runner.invoke(app, ["check", "--local", "--no-track", "--baseline", baseline,
                                  "-S", "squeeze.lr=0.000001"])
     assert failed.exit_code == 1, failed.output

@@ -17,7 +17,7 @@ from fadrm.stages.evaluate import evaluate
 from fadrm.stages.recover import recover
 from fadrm.stages.relabel import SoftLabels, relabel
 from fadrm.stages.select import select
-from fadrm.stages.squeeze import load_teachers
+from fadrm.teachers import load_teachers
 
 from .conftest import tiny_config
 
@@ -129,6 +129,36 @@ def test_rerun_skips_current_stages_and_redoes_changed_ones(tiny_copy):
     run_pipeline(changed, announce=lambda s, status: seen.append((s, status)))
     assert ("squeeze", "up to date") in seen and ("relabel", "running") in seen
     assert all(is_current(s, changed, layout) for s in STAGE_ORDER)
+
+
+def test_the_executor_runs_exactly_the_stages_that_are_not_current(tiny_copy):
+    """The hook the Prefect flow uses: run_pipeline decides which stages run, the executor only how."""
+    calls = []
+
+    def recording(name, run_stage):
+        calls.append(name)
+        metrics = run_stage()
+        assert metrics["seconds"] > 0  # it got the stage's own metrics back
+        return metrics
+
+    run_pipeline(tiny_copy, execute=recording)
+    assert calls == []  # everything current: nothing executed
+    run_pipeline(tiny_config(tiny_copy.out_dir, "evaluate.epochs=2"), execute=recording)
+    assert calls == ["evaluate"]
+    run_pipeline(tiny_copy, force=True, until="select", execute=recording)
+    assert calls == ["evaluate", "prepare", "squeeze", "select"]
+
+
+def test_headline_is_the_short_dvc_view_of_the_summary(tiny_run):
+    cfg, summary = tiny_run
+    headline = read_json(Layout.of(cfg).headline)
+    assert headline == {
+        "student_top1_pct": round(100 * summary["student_top1"], 4),
+        "teacher_top1_pct": round(100 * summary["teacher_top1"], 4),
+        "recover_s_per_image": summary["recover_s_per_image"],
+        "total_seconds": summary["total_seconds"],
+    }
+    assert (Layout.of(cfg).root / "efficiency.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("method", ["rded", "random", "sre2l", "fadrm+"])

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from fadrm.cli.app import DEFAULT_PARAMS, NoTrackOpt, ParamsOpt, PresetOpt, SetOpt, app, config_from, echo, guarded
-from fadrm.cli.stages import ForceOpt, print_summary, run_local
+from fadrm.cli.stages import ForceOpt, announce, print_summary
 
 LocalOpt = Annotated[bool, typer.Option("--local", help="Run the stages in this process, without Prefect.")]
 
@@ -30,9 +30,12 @@ def run(
     no_track: NoTrackOpt = False,
 ) -> None:
     """Run the whole pipeline: prepare -> squeeze -> select -> recover -> relabel -> evaluate."""
-    cfg = config_from(params, preset, set_)  # config errors surface here, before Prefect starts
+    config_from(params, preset, set_)  # config errors surface here, before Prefect starts
     if local:
-        summary = run_local(cfg, no_track, force, params, preset, set_)
+        from fadrm.jobs import distill
+
+        summary = distill(params, preset, set_, track=not no_track, force=force, announce=announce)
+        echo(f"DVC: {summary['dvc']}")
     else:
         from flows.distill import distill_flow
 
@@ -52,41 +55,35 @@ def check_command(
     no_track: NoTrackOpt = False,
 ) -> None:
     """Run the regression benchmark once; exit 1 if a metric dropped beyond its tolerance."""
-    from fadrm.config import load_config
-
-    project = config_from(params, None, None)
-    reference = baseline or project.regression.baseline
-    chosen = preset or project.regression.preset
+    project = config_from(params, preset, set_)  # config errors surface here, before any work
     if update_baseline:
-        _update_baseline(params, chosen, set_ or [], reference, no_track)
+        _update_baseline(params, preset, set_ or [], baseline or project.regression.baseline, no_track)
         return
     if local:
+        from fadrm.jobs import regression_check
         from fadrm.regression import RegressionFailed
-        from fadrm.tracking import judge
 
-        cfg = load_config(params, chosen, ["out_dir=outputs/regression", *(set_ or [])])
-        summary = run_local(cfg, no_track, force=True)
-        verdict, report = judge(summary, cfg, project.regression.tolerances, reference)
-        typer.echo(report)
-        if not verdict.passed:
-            raise RegressionFailed(f"regression against {verdict.baseline_source}")
+        result = regression_check(params, preset, set_, baseline, track=not no_track, announce=announce)
+        typer.echo(result.report)
+        if not result.verdict.passed:
+            raise RegressionFailed(f"regression against {result.verdict.baseline_source}")
         return
     from flows.regression import regression_flow
 
-    result = regression_flow(str(params), chosen, set_ or [], reference, track=not no_track)
+    result = regression_flow(str(params), preset, set_ or [], baseline, track=not no_track)
     echo(f"regression check passed against {result['verdict']['baseline']}")
 
 
-def _update_baseline(params: Path, preset: str, overrides: list[str], path: str, no_track: bool) -> None:
-    from fadrm.config import load_config
+def _update_baseline(params: Path, preset: str | None, overrides: list[str], path: str, no_track: bool) -> None:
+    from fadrm.jobs import regression_config, tracked_pipeline
     from fadrm.regression import write_baseline
 
     if path.startswith("mlflow:"):
         raise typer.BadParameter("--update-baseline writes a file; tag an MLflow run with fadrm.baseline=true instead")
-    cfg = load_config(params, preset, ["out_dir=outputs/regression", *overrides])
-    summary = run_local(cfg, no_track, force=True)
+    _, cfg = regression_config(params, preset, overrides)
+    summary = tracked_pipeline(cfg, track=not no_track, force=True, announce=announce)
     metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    write_baseline(Path(path), metrics, cfg.to_dict(), note=f"fadrm check --update-baseline, preset {preset}")
+    write_baseline(Path(path), metrics, cfg.to_dict(), note=f"fadrm check --update-baseline, preset {cfg.preset}")
     echo(f"wrote baseline {path}: {json.dumps(metrics)}")
 
 

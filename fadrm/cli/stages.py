@@ -76,19 +76,9 @@ def list_presets() -> None:
         typer.echo(name)
 
 
-def run_local(cfg, no_track: bool, force: bool, params=None, preset=None, overrides=None) -> dict:
-    """The pipeline in this process, without Prefect; DVC learns the outputs when they are
-    exactly what dvc.yaml would make (``params`` given and no preset/overrides on top)."""
-    from fadrm.pipeline import run_pipeline
-    from fadrm.tracking import open_tracker
-
-    with open_tracker(cfg, enabled=not no_track) as tracker:
-        summary = run_pipeline(cfg, tracker, force=force, announce=lambda s, status: echo(f"[{s}] {status}"))
-    if params is not None:
-        from flows.dvc_sync import sync_dvc
-
-        echo(f"DVC: {sync_dvc(cfg, str(params), preset, overrides)}")
-    return summary
+def announce(stage: str, status: str) -> None:
+    """How the in-process pipeline reports each stage on the terminal."""
+    echo(f"[{stage}] {status}")
 
 
 def print_summary(summary: dict) -> None:
