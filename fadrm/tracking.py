@@ -41,6 +41,7 @@ KEY_TAG = "fadrm.pipeline_key"
 STAGE_TAG = "fadrm.stage"
 KIND_TAG = "fadrm.kind"
 MAX_PARAM = 6000  # MLflow's limit on a param value
+SHORT_ID = 7  # characters of a run id in run names and tables
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -240,8 +241,9 @@ def _parent_for(client, experiment_id: str, cfg: Config, stage: str | None, run_
         tags["mlflow.source.git.commit"] = commit
     if Path("dvc.lock").is_file():
         tags["fadrm.dvc_lock_sha256"] = sha256_file(Path("dvc.lock"))
-    name = run_name or f"{cfg.method}-ipc{cfg.ipc}-{cfg.preset or 'params'}"
-    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    if run_name is None:
+        client.update_run(run.info.run_id, name=run_label(cfg, run.info.run_id))
     parent = MlflowTracker(client, experiment_id, run.info.run_id)
     parent.log_params(flatten({k: v for k, v in cfg.to_dict().items() if k != "tracking"}))
     with tempfile.TemporaryDirectory() as tmp:
@@ -249,6 +251,13 @@ def _parent_for(client, experiment_id: str, cfg: Config, stage: str | None, run_
         path.write_text(dump_yaml(cfg))
         parent.log_artifact(path)
     return run.info.run_id
+
+
+def run_label(cfg: Config, run_id: str) -> str:
+    """A pipeline run's name: what it is (method, IPC, preset if any) and which one (the run
+    id's first characters, which ``fadrm compare`` accepts too), e.g. ``fadrm-ipc10-3f9a2c1``."""
+    preset = f"-{cfg.preset}" if cfg.preset else ""
+    return f"{cfg.method}-ipc{cfg.ipc}{preset}-{run_id[:SHORT_ID]}"
 
 
 def record_lineage(tracker: MlflowTracker, cfg: Config, since: float) -> None:
@@ -285,42 +294,79 @@ def connect(cfg: Config):
 
 
 def find_runs(client, experiment_id: str, refs: list[str], latest: int = 10) -> list:
-    """Runs by id or by name (newest of that name); without refs, the latest pipeline runs."""
-    from mlflow.exceptions import MlflowException
+    """Runs by id, unique id prefix or run name; without refs, the latest pipeline runs.
 
+    A prefix or a name that matches more than one run is refused with the candidates listed,
+    never resolved silently to one of them.
+    """
     if not refs:
         return client.search_runs(
             [experiment_id], filter_string=f"tags.`{KIND_TAG}` = 'pipeline'",
             order_by=["attributes.start_time DESC"], max_results=latest,
         )
-    runs = []
-    for ref in refs:
-        run = None
-        try:
-            run = client.get_run(ref)
-        except MlflowException:
-            quoted = ref.replace("'", "\\'")
-            found = client.search_runs(
-                [experiment_id], filter_string=f"attributes.run_name = '{quoted}'",
-                order_by=["attributes.start_time DESC"], max_results=1,
-            )
-            run = found[0] if found else None
-        if run is None:
-            raise TrackingError(f"no MLflow run with id or name '{ref}' in experiment {experiment_id}")
-        runs.append(run)
-    return runs
+    return [_find_run(client, experiment_id, ref) for ref in refs]
+
+
+def _find_run(client, experiment_id: str, ref: str):
+    from mlflow.exceptions import MlflowException
+
+    quoted = ref.replace("'", "\\'")
+    by_id = []
+    if len(ref) == 32:  # a whole run id, in any experiment
+        with contextlib.suppress(MlflowException):
+            return client.get_run(ref)
+    if ref and all(c in "0123456789abcdef" for c in ref.lower()):
+        by_id = client.search_runs([experiment_id], filter_string=f"attributes.run_id LIKE '{ref.lower()}%'",
+                                   order_by=["attributes.start_time DESC"], max_results=AMBIGUOUS_SHOWN + 1)
+    found = by_id or client.search_runs([experiment_id], filter_string=f"attributes.run_name = '{quoted}'",
+                                        order_by=["attributes.start_time DESC"], max_results=AMBIGUOUS_SHOWN + 1)
+    if not found:
+        raise TrackingError(f"no MLflow run with id, id prefix or name '{ref}' in experiment {experiment_id}")
+    if len(found) > 1:
+        what = "id prefix" if by_id else "name"
+        listed = "\n".join(f"  {r.info.run_id[:12]}  {r.info.run_name}  {r.info.status}  {_started(r)}"
+                           for r in found[:AMBIGUOUS_SHOWN])
+        more = "\n  ..." if len(found) > AMBIGUOUS_SHOWN else ""
+        raise TrackingError(f"{what} '{ref}' matches more than one run; give a longer id prefix:\n{listed}{more}")
+    return found[0]
+
+
+def _started(run) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(run.info.start_time / 1000)) if run.info.start_time else "-"
+
+
+AMBIGUOUS_SHOWN = 10
+
+# What users compare first: accuracy, then how the method was set, then what it cost.
+HEADLINE_METRICS = ("student_top1", "student_top5", "student_best_top1", "teacher_top1", "recover_psnr")
+METHOD_PARAMS = ("method", "ipc", "preset", "seed", "select.", "recover.", "relabel.", "evaluate.", "squeeze.", "data.")
+EFFICIENCY_METRICS = ("recover_s_per_image", "relabel_bytes_per_image_epoch", "total_seconds", "stages.")
 
 
 def comparison(runs: list, all_params: bool = False) -> dict[str, Any]:
-    """Params that differ (or all) and every metric, one column per run."""
+    """One column per run, rows in the order users read them: accuracy, then the params that
+    differ (or all) in method order, then efficiency, then any other metric."""
     columns = [{"id": r.info.run_id, "name": r.info.run_name, "status": r.info.status} for r in runs]
-    param_keys = sorted(set().union(*(r.data.params for r in runs)))
+    param_keys = sorted(set().union(*(r.data.params for r in runs)), key=_rank(METHOD_PARAMS))
     params = {k: [r.data.params.get(k) for r in runs] for k in param_keys}
     if not all_params:
         params = {k: v for k, v in params.items() if len(set(v)) > 1}
-    metric_keys = sorted(set().union(*(r.data.metrics for r in runs)))
-    metrics = {k: [r.data.metrics.get(k) for r in runs] for k in metric_keys}
-    return {"runs": columns, "params": params, "metrics": metrics}
+    metric_keys = set().union(*(r.data.metrics for r in runs))
+    headline = [k for k in HEADLINE_METRICS if k in metric_keys]
+    efficiency = sorted((k for k in metric_keys if k.startswith(EFFICIENCY_METRICS)), key=_rank(EFFICIENCY_METRICS))
+    other = sorted(metric_keys - set(headline) - set(efficiency))
+    metrics = lambda keys: {k: [r.data.metrics.get(k) for r in runs] for k in keys}  # noqa: E731
+    return {"runs": columns, "accuracy": metrics(headline), "params": params,
+            "efficiency": metrics(efficiency), "metrics": metrics(other)}
+
+
+def _rank(prefixes: tuple[str, ...]):
+    """Sort key: by the first prefix a key starts with (unlisted keys last), then by name."""
+
+    def key(name: str) -> tuple[int, str]:
+        return next((i for i, p in enumerate(prefixes) if name == p or name.startswith(p)), len(prefixes)), name
+
+    return key
 
 
 def mlflow_run_link(cfg: Config, run_id: str) -> str:

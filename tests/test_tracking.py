@@ -1,9 +1,11 @@
 """MLflow lineage: the run tree, params, metrics, artifacts, failures, a real server, compare."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 from mlflow import MlflowClient
@@ -150,15 +152,36 @@ def test_compare_two_runs(tiny_copy, tmp_path, monkeypatch):
         for stage in ("select", "recover", "relabel", "evaluate"):
             result = runner.invoke(app, [stage, *base, "-S", f"method={method}"])
             assert result.exit_code == 0, result.output
-    _, runs = _experiment_runs(uri)
+    client, runs = _experiment_runs(uri)
     parents = [r for r in runs if r.data.tags.get("fadrm.kind") == "pipeline"]
     assert len(parents) == 2
+    # distinct, meaningful names: method, IPC, preset, the run id's first characters
+    assert sorted(p.info.run_name for p in parents) == sorted(
+        f"{p.data.params['method']}-ipc2-tiny-{p.info.run_id[:7]}" for p in parents)
     ids = [p.info.run_id for p in parents]
-    result = runner.invoke(app, ["compare", *ids])
+    result = runner.invoke(app, ["compare", ids[0][:6], ids[1][:8]])  # the short ids the names carry
     assert result.exit_code == 0, result.output
+    assert all(p.info.run_name in result.output for p in parents)
     assert "param method" in result.output and "sre2l" in result.output and "fadrm" in result.output
-    assert "metric student_top1" in result.output
     assert "param recover.alpha" not in result.output  # only params that differ
+    # what users compare first: accuracy (in percent), then the method's params, then efficiency
+    rows = [re.split(r"\s{2,}", line)[0] for line in result.output.splitlines()[2:]]
+    assert rows[:3] == ["status", "student_top1", "student_top5"]
+    assert rows.index("teacher_top1") < rows.index("param method") < rows.index("recover_s_per_image")
+    assert rows.index("total_seconds") < rows.index("stages.evaluate.seconds")
+    student = next(line for line in result.output.splitlines() if line.startswith("student_top1"))
+    assert re.fullmatch(r"student_top1(\s+\d+\.\d\d%){2}", student.strip()), student
+    # ambiguity is refused with the candidates listed, never resolved silently
+    result = runner.invoke(app, ["compare", "evaluate"])  # the stage runs of both pipelines
+    assert result.exit_code == 2 and "name 'evaluate' matches more than one run" in result.output
+    assert result.output.count("  evaluate  FINISHED") == 2
+    experiment_id = client.get_experiment_by_name("fadrm").experiment_id
+    for _ in range(17):  # 27 runs: at least two share their first hex digit
+        client.create_run(experiment_id, run_name="filler")
+    _, runs = _experiment_runs(uri)
+    first = Counter(r.info.run_id[0] for r in runs).most_common(1)[0][0]
+    result = runner.invoke(app, ["compare", first])
+    assert result.exit_code == 2 and f"id prefix '{first}' matches more than one run" in result.output
     out = tmp_path / "cmp.md"
     result = runner.invoke(app, ["compare", *ids, "--format", "markdown", "--output", str(out)])
     assert result.exit_code == 0 and out.read_text().startswith("| ")

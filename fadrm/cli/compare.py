@@ -1,4 +1,4 @@
-"""``fadrm compare``: the params that differ and the metrics of MLflow runs, side by side."""
+"""``fadrm compare``: MLflow runs side by side — accuracy first, then the params that differ, then cost."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from fadrm.cli.app import DEFAULT_PARAMS, ParamsOpt, PresetOpt, SetOpt, app, config_from, guarded
+from fadrm.tracking import SHORT_ID
 
 
 class Format(str, Enum):
@@ -27,11 +28,26 @@ def _cell(value) -> str:
     return str(value)
 
 
+def _metric_cell(key: str, value) -> str:
+    """Accuracies in percent, as in every other table of fadrm; seconds and bytes as they are."""
+    if ("top1" in key or "top5" in key) and isinstance(value, (int, float)):
+        return f"{100 * value:.2f}%"
+    return _cell(value)
+
+
+def _label(run: dict) -> str:
+    short = run["id"][:SHORT_ID]
+    return run["name"] if short in (run["name"] or "") else f"{run['name']} ({short})"
+
+
 def rows_of(result: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["", *(f"{c['name']} ({c['id'][:8]})" for c in result["runs"])]
+    """Header and rows: status, accuracy, the params that differ, efficiency, other metrics."""
+    header = ["", *map(_label, result["runs"])]
     rows = [["status", *(c["status"] for c in result["runs"])]]
+    rows += [[k, *(_metric_cell(k, v) for v in values)] for k, values in result["accuracy"].items()]
     rows += [[f"param {k}", *map(_cell, v)] for k, v in result["params"].items()]
-    rows += [[f"metric {k}", *map(_cell, v)] for k, v in result["metrics"].items()]
+    rows += [[k, *map(_cell, v)] for k, v in result["efficiency"].items()]
+    rows += [[f"metric {k}", *(_metric_cell(k, v) for v in values)] for k, values in result["metrics"].items()]
     return header, rows
 
 
@@ -55,7 +71,7 @@ def render(result: dict, fmt: Format) -> str:
 @app.command("compare")
 @guarded
 def compare(
-    runs: Annotated[list[str] | None, typer.Argument(help="MLflow run ids or run names (default: latest runs).")] = None,
+    runs: Annotated[list[str] | None, typer.Argument(help="Run ids, unique id prefixes or run names (default: latest runs).")] = None,
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment (default: tracking.experiment).")] = None,
     latest: Annotated[int, typer.Option(help="Without RUNS: how many of the latest pipeline runs.")] = 5,
     fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.table,
@@ -65,7 +81,7 @@ def compare(
     set_: SetOpt = None,
     preset: PresetOpt = None,
 ) -> None:
-    """Compare MLflow runs: the params that differ, and the metrics side by side."""
+    """Compare MLflow runs side by side: accuracy, the params that differ, then time and memory."""
     from fadrm.tracking import comparison, connect, find_runs
 
     cfg = config_from(params, preset, (set_ or []) + ([f"tracking.experiment={experiment}"] if experiment else []))
