@@ -34,8 +34,9 @@ def _silent(stage: str, status: str) -> None:
     pass
 
 
-def tracked_pipeline(cfg: Config, *, track: bool = True, force: bool = False, execute: StageExecutor = in_process,
-                     announce: Announce = _silent) -> dict[str, Any]:
+def tracked_pipeline(
+    cfg: Config, *, track: bool = True, force: bool = False, execute: StageExecutor = in_process, announce: Announce = _silent
+) -> dict[str, Any]:
     """``run_pipeline`` under one MLflow parent run; the summary gets ``mlflow_run_id`` (None untracked)."""
     with open_tracker(cfg, enabled=track) as tracker:
         summary = run_pipeline(cfg, tracker, force=force, announce=announce, execute=execute)
@@ -43,8 +44,16 @@ def tracked_pipeline(cfg: Config, *, track: bool = True, force: bool = False, ex
     return summary
 
 
-def distill(params: str | Path, preset: str | None = None, overrides: list[str] | None = None, *, track: bool = True,
-            force: bool = False, execute: StageExecutor = in_process, announce: Announce = _silent) -> dict[str, Any]:
+def distill(
+    params: str | Path,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+    *,
+    track: bool = True,
+    force: bool = False,
+    execute: StageExecutor = in_process,
+    announce: Announce = _silent,
+) -> dict[str, Any]:
     """The distillation job: the tracked pipeline, then DVC told about its outputs (``summary['dvc']``)."""
     overrides = list(overrides or [])
     cfg = load_config(params, preset, overrides)
@@ -71,9 +80,16 @@ def regression_config(params: str | Path, preset: str | None = None, overrides: 
     return project, load_config(params, chosen, [f"out_dir={REGRESSION_OUT}", *(overrides or [])])
 
 
-def regression_check(params: str | Path, preset: str | None = None, overrides: list[str] | None = None,
-                     baseline: str | None = None, *, track: bool = True, execute: StageExecutor = in_process,
-                     announce: Announce = _silent) -> CheckResult:
+def regression_check(
+    params: str | Path,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+    baseline: str | None = None,
+    *,
+    track: bool = True,
+    execute: StageExecutor = in_process,
+    announce: Announce = _silent,
+) -> CheckResult:
     """Run the benchmark from scratch, judge it against the baseline under ``regression.tolerances``,
     and record the verdict on the run's MLflow parent (tags ``fadrm.regression*``, report artifacts).
 

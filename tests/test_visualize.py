@@ -22,8 +22,14 @@ def test_accuracy_is_drawn_in_percent_with_labelled_axes():
 
 def test_terms_of_different_magnitude_get_a_log_axis_and_a_second_unit_its_own_axis():
     rows = [{"step": 0, "loss": 30.0, "ce": 2.0, "bn": 28.0, "acc": 0.1}, {"step": 10, "loss": 3.0, "ce": 0.1, "bn": 2.9}]
-    fig = line_figure(rows, "step", Axis(("loss", "ce", "bn"), "loss (log scale)", log=True), "t", xlabel="iteration",
-                      right=Axis(("acc",), "accuracy (%)", percent=True))
+    fig = line_figure(
+        rows,
+        "step",
+        Axis(("loss", "ce", "bn"), "loss (log scale)", log=True),
+        "t",
+        xlabel="iteration",
+        right=Axis(("acc",), "accuracy (%)", percent=True),
+    )
     left, right = fig.axes
     assert left.get_yscale() == "log" and left.get_ylabel() == "loss (log scale)"
     assert right.get_ylabel() == "accuracy (%)" and list(right.get_lines()[0].get_ydata()) == [10.0]
