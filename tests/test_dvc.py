@@ -43,6 +43,29 @@ def make_project(dest: Path, *overrides: str) -> Path:
     return dest
 
 
+def repository_copy(dest: Path) -> Path:
+    """What a clone of this repository holds for DVC (dvc.yaml, .dvc/config with its remote, the package,
+    .gitignore), committed in a new git repo, with the tiny preset resolved into params.yaml."""
+    dest.mkdir(parents=True)
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"):
+        (dest / name).parent.mkdir(exist_ok=True)
+        shutil.copy(ROOT / name, dest / name)
+    shutil.copytree(ROOT / "fadrm", dest / "fadrm", ignore=shutil.ignore_patterns("__pycache__"))
+    (dest / "params.yaml").write_text(dump_yaml(load_config(None, "tiny", ["tracking.enabled=false"])))
+    sh(dest, "git", "init", "-q")
+    sh(dest, "git", "add", "-A")
+    sh(dest, "git", "commit", "-qm", "fadrm")
+    return dest
+
+
+def readme_commands(heading: str) -> list[str]:
+    """The lines of the first ```bash block after ``heading`` in README.md."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(heading):]
+    start = section.index("```bash\n") + len("```bash\n")
+    return [line for line in section[start:section.index("```", start)].splitlines() if line.strip()]
+
+
 def test_dvc_yaml_mirrors_the_stage_table():
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert list(spec) == list(STAGE_ORDER)
@@ -50,7 +73,40 @@ def test_dvc_yaml_mirrors_the_stage_table():
         assert stage["cmd"] == f"fadrm {name}"
         assert stage["params"] == list(STAGE_PARAMS[name])
         assert f"fadrm/stages/{name}.py" in stage["deps"]
-        assert stage["outs"] == [f"${{out_dir}}/{name}"]
+        assert stage["outs"][0] == f"${{out_dir}}/{name}"
+
+
+def test_dvc_shows_headline_metrics_and_offline_charts():
+    """`dvc metrics show` / `dvc exp show` read one short file; `dvc plots show` gets images only (no Vega,
+    whose HTML loads its JavaScript from a CDN)."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    declared = [m for stage in spec["stages"].values() for m in stage.get("metrics", [])]
+    assert declared == [{"${out_dir}/headline.json": {"cache": False}}]
+    assert not any("plots" in stage for stage in spec["stages"].values())
+    assert spec["plots"] and all(str(plot).endswith(".png") for plot in spec["plots"])
+
+
+@pytest.mark.slow
+def test_readme_dvc_commands_run_verbatim(tmp_path):
+    """The README's DVC block, line by line as a user pastes it, in a copy of this repository: run, commit,
+    push, an experiment and its table, metrics and plots, then a fresh clone that pulls and is up to date."""
+    project = repository_copy(tmp_path / "fadrm")
+    shown = {}
+    for line in readme_commands("## DVC: versioned stages"):
+        shown[line.split("#")[0].strip()] = out = sh(project, "bash", "-c", line)
+        print(f"$ {line}\n{out}")
+    outputs = list(shown.values())
+    assert all(f"Running stage '{name}'" in outputs[0] for name in STAGE_ORDER)
+    exp_show = next(out for cmd, out in shown.items() if cmd.startswith("dvc exp show"))
+    assert "recover.alpha" in exp_show and "student_top1_pct" in exp_show and "0.7" in exp_show
+    assert max(map(len, exp_show.splitlines())) <= 120, exp_show  # fits a terminal
+    metrics = shown["dvc metrics show"]
+    assert "outputs/headline.json" in metrics and max(map(len, metrics.splitlines())) <= 100, metrics
+    html = (project / "dvc_plots" / "index.html").read_text()
+    assert html.count("<img") == 6 and "http://" not in html and "https://" not in html  # opens offline
+    assert "Data and pipelines are up to date." in outputs[-1]
+    assert (tmp_path / "fadrm-copy" / "outputs" / "evaluate" / "student.safetensors").is_file()
+    assert "dvc_plots" not in sh(project, "git", "status", "--porcelain")  # generated, ignored
 
 
 @pytest.mark.slow
