@@ -327,7 +327,7 @@ def _find_run(client, experiment_id: str, ref: str):
         listed = "\n".join(f"  {r.info.run_id[:12]}  {r.info.run_name}  {r.info.status}  {_started(r)}"
                            for r in found[:AMBIGUOUS_SHOWN])
         more = "\n  ..." if len(found) > AMBIGUOUS_SHOWN else ""
-        raise TrackingError(f"{what} '{ref}' matches more than one run; give a longer id prefix:\n{listed}{more}")
+        raise TrackingError(f"{what} '{ref}' matches more than one run; name one by its id (any unique prefix):\n{listed}{more}")
     return found[0]
 
 
