@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "benchmarks" / "overhead.json"
 DOC = ROOT / "docs" / "overhead.md"
 LIMIT = 0.10  # issue 13: at most 10% of the run's wall time
-IDLE_WALL = 420  # seconds: the README's first command on a quieter 2-core machine, issue 13 ("7 minutes in all")
+IDLE_WALL = 420  # seconds: the README's first command, install included, as timed in issue 13 ("7 minutes in all")
 BARE = "from fadrm.config import load_config; from fadrm.pipeline import run_pipeline; run_pipeline(load_config(), force=True)"
 
 
@@ -133,7 +133,7 @@ def render(result: dict) -> Path:
         f"**Overhead: {result['overhead_seconds']:.1f} s = {100 * result['overhead_fraction']:.1f}% of the `fadrm run` wall time** "
         f"({verdict} the {100 * result['limit_fraction']:.0f}% limit). The plain difference of the wall times is "
         f"{result['wall_difference_seconds']:.1f} s; it includes how much other jobs slowed the stages in each run.",
-        f"The fraction depends on the load: issue 13 timed the README's first command on a quieter machine at "
+        f"The fraction depends on the load: issue 13 timed the README's first command at "
         f"{IDLE_WALL // 60} minutes in all (install included); against that, the same {result['overhead_seconds']:.1f} s "
         f"would be {100 * result['overhead_seconds'] / IDLE_WALL:.1f}%, and the overhead itself (server start-up, imports) "
         "was measured under the load shown, so it is likely smaller there. Rerun on a quiet machine for the figure there.",
