@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "outputs" / "bench" / "ablation"
 RESULTS = ROOT / "docs" / "benchmarks" / "ablation.json"
 ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+FADRM = str(Path(sys.executable).parent / "fadrm")  # this environment's CLI
 BASE = ["--preset", "cifar10-cpu", "-S", "tracking.enabled=false", "-S", f"data.path={ARCHIVE}"]
 
 # The protocol before this ablation (cifar10-cpu preset of 2026-11-24), spelled out so that
@@ -60,7 +61,7 @@ def run_one(variant: str, method: str, seed: int, teacher: Path, results: dict) 
     shutil.copytree(shared / "metrics", out / "metrics", copy_function=os.link)
     overrides = [*BEFORE, *VARIANTS[variant], f"method={method}", f"seed={seed}", f"out_dir={out}",
                  f"squeeze.teachers.0.weights={teacher}"]
-    command = ["fadrm", "run", "--local", "--no-track", *BASE, *(a for o in overrides for a in ("-S", o))]
+    command = [FADRM, "run", "--local", "--no-track", *BASE, *(a for o in overrides for a in ("-S", o))]
     start = time.perf_counter()
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "FADRM_PROGRESS": "0"})
     if proc.returncode:
@@ -116,7 +117,7 @@ def main() -> None:
     if args.what == "run":
         if args.teacher is None or not ARCHIVE.is_file():
             raise SystemExit(f"needs --teacher and {ARCHIVE}")
-        prepare = ["fadrm", "prepare", "--no-track", *BASE, "-S", f"out_dir={OUT / 'prepared'}"]
+        prepare = [FADRM, "prepare", "--no-track", *BASE, "-S", f"out_dir={OUT / 'prepared'}"]
         subprocess.run(prepare, cwd=ROOT, check=True, env={**os.environ, "FADRM_PROGRESS": "0"}, stdout=sys.stderr)
         for variant in args.only or VARIANTS:
             for seed in SEEDS:

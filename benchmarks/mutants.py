@@ -51,7 +51,8 @@ MUTANTS = [
            "return alpha * resize(x, size) + (1 - alpha) * resize(init, size)",
            "return (1 - alpha) * resize(x, size) + alpha * resize(init, size)", RECOVER_TESTS),
     Mutant("adam-betas", "recovery's Adam betas (0.9, 0.999) instead of (0.5, 0.9)", "fadrm/stages/recover.py",
-           "betas=(0.5, 0.9)", "betas=(0.9, 0.999)", RECOVER_TESTS),
+           "torch.optim.Adam([x], lr=rc.lr, betas=(0.5, 0.9))", "torch.optim.Adam([x], lr=rc.lr, betas=(0.9, 0.999))",
+           RECOVER_TESTS),
     Mutant("adam-shared", "one Adam for all stages instead of a fresh one per stage", "fadrm/stages/recover.py",
            "    for k, (res, iters) in enumerate(schedule):\n        optimizer = torch.optim.Adam([x], lr=rc.lr, betas=(0.5, 0.9))\n",
            "    optimizer = torch.optim.Adam([x], lr=rc.lr, betas=(0.5, 0.9))\n    for k, (res, iters) in enumerate(schedule):\n"
