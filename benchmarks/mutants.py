@@ -92,7 +92,7 @@ MUTANTS = [
     Mutant("replay-crop-box", "crop box read as (left, top) instead of (top, left)", "fadrm/augment.py",
            "torch.from_numpy(views.box[pos]), out", "torch.from_numpy(views.box[pos][:, [1, 0, 3, 2]]), out", REPLAY_TESTS),
     Mutant("stored-epoch-off", "stored labels returned for the wrong epoch", "fadrm/stages/relabel.py",
-           'return self.stored["logits"][epoch % self.epochs]', 'return self.stored["logits"][(epoch + 1) % self.epochs]',
+           "e, lo, hi = epoch % self.epochs,", "e, lo, hi = (epoch + 1) % self.epochs,",
            REPLAY_TESTS),
     Mutant("hard-labels", "evaluation trains on hard labels although soft ones were asked for", "fadrm/stages/evaluate.py",
            'if ev.labels == "soft":', "if False:", STUDENT_TESTS),

@@ -149,9 +149,15 @@ class RelabelConfig(Section):
 
     mode: Literal["stored", "online"] = "stored"
     epochs: int = Field(200, ge=1, description="epochs of views (evaluation cycles through them)")
-    batch_size: int = Field(100, ge=1, description="views rendered (and CutMix-ed) together")
-    crop_scale: Pair = (0.08, 1.0)
+    batch_size: int = Field(
+        10, ge=1, description="views CutMix-ed together (one box per group): best equal to evaluate.batch_size"
+    )
+    crop_scale: Pair | None = Field(None, description="views' random-resized-crop scale; None: (0.25, 1) up to 64 px, "
+                                    "else (0.08, 1)")
     cutmix: bool = True
+    top_k: int | None = Field(
+        None, ge=1, description="stored mode: keep the k largest logits per view (+ one fill value); None: all, fp16"
+    )
     precision: Precision = "auto"
 
 
@@ -160,7 +166,7 @@ class EvaluateConfig(Section):
 
     student: ArchName = "convnet"
     epochs: int = Field(200, ge=1)
-    batch_size: int = Field(50, ge=1, description="micro-batch")
+    batch_size: int = Field(10, ge=1, description="micro-batch (small batches: more steps on few images)")
     accumulate: int = Field(1, ge=1, description="micro-batches per optimiser step")
     lr: float = Field(0.001, gt=0)
     weight_decay: float = Field(0.01, ge=0)

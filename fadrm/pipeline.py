@@ -11,12 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 from fadrm.config import Config
+from fadrm.shards import Shard
 from fadrm.stage import STAGE_ORDER, Layout, is_current, summarize
 from fadrm.stages.evaluate import evaluate
 from fadrm.stages.prepare import prepare
-from fadrm.stages.recover import recover
+from fadrm.stages.recover import recover, recover_shard
 from fadrm.stages.relabel import relabel
-from fadrm.stages.select import select
+from fadrm.stages.select import select, select_shard
 from fadrm.stages.squeeze import squeeze
 from fadrm.tracker import NULL_TRACKER, Tracker
 
@@ -29,6 +30,8 @@ STAGES: dict[str, Callable[[Config, Tracker], dict]] = {
     "evaluate": evaluate,
 }
 assert tuple(STAGES) == STAGE_ORDER
+# Stages whose work splits into shards (fadrm.shards): one shard's units, nothing published.
+SHARDED: dict[str, Callable[[Config, Shard], dict]] = {"select": select_shard, "recover": recover_shard}
 
 
 def run_pipeline(
