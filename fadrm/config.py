@@ -109,6 +109,9 @@ class SelectConfig(Section):
     factor: int | None = Field(None, ge=1, description="patches per side; None: 2 at >=128 px, else 1")
     crop_scale: Pair = (0.08, 1.0)
     batch_size: int = Field(500, ge=1, description="crops scored per teacher forward")
+    anchor_pool: int = Field(
+        20, ge=0, description="next-best real patches kept per class as residual anchors (recover.anchor: nearest)"
+    )
 
 
 class RecoverConfig(Section):
@@ -120,6 +123,10 @@ class RecoverConfig(Section):
     iterations: int = Field(100, ge=0, description="per stage, when schedule is None (paper: 500)")
     lr: float = Field(0.05, gt=0, description="paper: 0.25; 0.05 keeps the real patch at 32 px (FADRM.md)")
     alpha: float = Field(0.5, ge=0, le=1, description="residual merge weight of the optimised image")
+    anchor: Literal["init", "nearest"] = Field(
+        "init", description="what a merge pulls towards: the image's own real patch (FADRM), or the real patch of its "
+        "class nearest to it at that stage (re-chosen anchors, as RETA)"
+    )
     ce_weight: float = Field(1.0, ge=0)
     bn_weight: float = Field(0.01, ge=0, description="lambda_bn")
     first_bn_weight: float = Field(10.0, ge=0, description="w_1, the first BN layer's weight")

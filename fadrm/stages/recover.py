@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from fadrm import distributed
@@ -34,7 +35,7 @@ from fadrm.config import Config, RecoverConfig
 from fadrm.data.facts import default_jitter, default_recover_crop_scale, default_schedule
 from fadrm.data.prepared import Prepared
 from fadrm.device import autocast, grad_scaler, resolve_device, resolve_precision
-from fadrm.distilled import grid_by_class, load_set, save_set, to_uint8
+from fadrm.distilled import ANCHORS, grid_by_class, load_set, save_set, to_uint8
 from fadrm.efficiency import count_flops
 from fadrm.errors import ConfigError, DivergenceError, MissingInputError
 from fadrm.losses import BNStatsLoss
@@ -132,6 +133,15 @@ def residual_merge(x: torch.Tensor, init: torch.Tensor, alpha: float, size: int)
     return alpha * resize(x, size) + (1 - alpha) * resize(init, size)
 
 
+def nearest_anchor(x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """For each image of ``x`` (B x 3 x h x w), its candidate anchor (``anchors``: B x M x 3 x H x W)
+    closest in mean squared pixel distance at the image's current resolution."""
+    b, m = anchors.shape[:2]
+    small = resize(anchors.flatten(0, 1), x.shape[-1]).view(b, m, *x.shape[1:])
+    nearest = (small - x[:, None]).pow(2).flatten(2).mean(2).argmin(1)
+    return anchors[torch.arange(b, device=anchors.device), nearest]
+
+
 def resolve_schedule(rc: RecoverConfig, resolution: int, spec: MethodSpec) -> Schedule:
     schedule = tuple(tuple(p) for p in rc.schedule) if rc.schedule else default_schedule(resolution, rc.iterations)
     if schedule[-1][0] != resolution:
@@ -166,10 +176,13 @@ def recover_batch(
     rng: np.random.Generator,
     on_step=None,
     names: list[str] | None = None,
+    anchors: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[list[float]]]:
     """Recover one batch; returns the images (input space, final resolution) and a loss log.
 
-    The log has one row ``[step, loss, ce, bn]`` every ``rc.log_every`` steps.
+    The log has one row ``[step, loss, ce, bn]`` every ``rc.log_every`` steps. ``anchors``
+    (B x M x 3 x H x W, input space) are the real patches each image's merges may pull
+    towards instead of its own initialisation (``recover.anchor: nearest``).
     """
     device = x_init.device
     total = sum(iters for _, iters in schedule)
@@ -210,7 +223,8 @@ def recover_batch(
         if k + 1 < len(schedule):
             nxt = schedule[k + 1][0]
             with torch.no_grad():
-                merged = residual_merge(x, x_init, rc.alpha, nxt) if merges else resize(x, nxt)
+                anchor = x_init if anchors is None else nearest_anchor(x, anchors)
+                merged = residual_merge(x, anchor, rc.alpha, nxt) if merges else resize(x, nxt)
             x = merged.detach().clone().requires_grad_(True)
     return x.detach(), log
 
@@ -250,6 +264,25 @@ class Recovery:
         self.batches = [order[s : s + self.rc.batch_size] for s in range(0, len(order), self.rc.batch_size)]
         self.partial = layout.partial("recover") / stage_fingerprint("recover", cfg, layout)[:16]
         self.total_steps = sum(iters for _, iters in self.schedule)
+        self.anchors = self._anchor_pool(layout) if self.rc.anchor == "nearest" and self.spec.merges else None
+
+    def _anchor_pool(self, layout: Layout) -> torch.Tensor:
+        path = layout.stage("select") / ANCHORS
+        if not path.is_file():
+            raise ConfigError(
+                "recover.anchor=nearest needs the real patches select keeps as anchors (select.anchor_pool > 0, "
+                "select.factor 1); rerun `fadrm select` with them, or use recover.anchor=init"
+            )
+        return load_file(str(path))["pixels"]
+
+    def batch_anchors(self, idx: np.ndarray) -> torch.Tensor | None:
+        """Each image's candidate anchors: its own real patch, then its class's pool (input space)."""
+        if self.anchors is None:
+            return None
+        own = self.init[idx][:, None]
+        pool = self.anchors[torch.from_numpy(self.labels[idx])]
+        both = torch.cat([own, pool], dim=1)
+        return self.data.to_input(both.flatten(0, 1), self.device).view(*both.shape[:2], *both.shape[2:])
 
     def batch_file(self, b: int) -> Path:
         return self.partial / f"batch-{b:05d}.pt"
@@ -281,6 +314,7 @@ class Recovery:
             self.teachers, self.schedule, self.rc, merges=self.spec.merges, bounds=self.bounds,
             jitter_limit=self.jitter, crop_scale=self.crop_scale, precision=self.precision,
             rng=np.random.default_rng([self.cfg.seed, b, 0x2EC0]), on_step=progress.update, names=names,
+            anchors=self.batch_anchors(idx),
         )
         saved = {"images": to_uint8(self.data.denormalize(x)), "log": torch.tensor(log, dtype=torch.float64)}
         tmp = self.batch_file(b).with_suffix(".tmp")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from fadrm import distributed
 from fadrm.augment import crop_boxes, resized_crop
@@ -26,7 +27,7 @@ from fadrm.config import Config
 from fadrm.data.facts import default_factor
 from fadrm.data.prepared import Prepared, Split
 from fadrm.device import autocast, resolve_device, resolve_precision
-from fadrm.distilled import grid_by_class, save_set, to_uint8
+from fadrm.distilled import ANCHORS, grid_by_class, save_set, to_uint8
 from fadrm.efficiency import flops_per_sample
 from fadrm.errors import ConfigError, DataError, MissingInputError
 from fadrm.methods import METHODS
@@ -55,6 +56,10 @@ def select(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
         header = {"method": cfg.method, "init": spec.init, "ipc": cfg.ipc, "resolution": data.resolution,
                   "classes": data.classes, "dataset_hash": data.digest, **extra}
         save_set(run.dir, images, entries, header)
+        if plan.anchors and min(len(a) for a in plan.anchors.values()) > 0:
+            size = min(len(a) for a in plan.anchors.values())
+            save_file({"pixels": torch.stack([plan.anchors[c][:size] for c in range(data.num_classes)])},
+                      str(run.dir / ANCHORS))
         labels = np.asarray([e["label"] for e in entries])
         grid_by_class(run.dir / "grid.png", data.classes, [("init", images, labels)])
         run.artifacts += ["manifest.json", "grid.png"]
@@ -92,6 +97,7 @@ class Selection:
             raise ConfigError(f"select.factor={self.factor} does not divide the resolution {self.data.resolution}")
         self._teacher = None
         self.flops = 0
+        self.anchors: dict[int, torch.Tensor] = {}  # class -> uint8 real patches kept as residual anchors
 
     def class_file(self, label: int) -> Path:
         return self.partial / f"class-{label:05d}.pt"
@@ -108,7 +114,10 @@ class Selection:
                 init = {"patches": self._patches, "random": self._random_images, "noise": self._noise}[self.spec.init]
                 images, entries = init(label, rng)
                 tmp = self.class_file(label).with_suffix(".tmp")
-                torch.save({"images": images, "entries": json.dumps(entries)}, tmp)
+                saved = {"images": images, "entries": json.dumps(entries)}
+                if label in self.anchors:
+                    saved["anchors"] = self.anchors[label]
+                torch.save(saved, tmp)
                 tmp.replace(self.class_file(label))
                 fresh += 1
             progress.update()
@@ -124,6 +133,8 @@ class Selection:
             saved = torch.load(self.class_file(label), weights_only=True)
             images.append(saved["images"])
             entries += json.loads(saved["entries"])
+            if "anchors" in saved:
+                self.anchors[label] = saved["anchors"]
         extra = {}
         if self.spec.init == "patches":
             res = self.data.resolution
@@ -155,7 +166,9 @@ class Selection:
         precision = resolve_precision("auto", self.device)
         best = _best_crop_per_image(self.teacher[1], data, self.train, chosen, label, patch, sel, rng, self.device,
                                     precision)
-        ranked = sorted(best, key=lambda b: b["score"])[:need]
+        ranked = sorted(best, key=lambda b: b["score"])
+        pool = [b.pop("pixels") for b in ranked[need : need + sel.anchor_pool]] if factor == 1 else []
+        ranked = ranked[:need]
         images, entries = [], []
         for i in range(cfg.ipc):
             cells = [ranked[k * cfg.ipc + i] for k in range(factor * factor)]
@@ -166,6 +179,7 @@ class Selection:
                 cell["cell"] = k
             images.append(canvas)
             entries.append({"label": label, "class": class_name, "patches": cells})
+        self.anchors[label] = torch.stack(pool) if pool else torch.empty(0, 3, res, res, dtype=torch.uint8)
         return torch.stack(images), entries
 
     def _random_images(self, label: int, rng: np.random.Generator):
