@@ -52,7 +52,7 @@ def default_recover_crop_scale(resolution: int) -> tuple[float, float]:
 def default_relabel_crop_scale(resolution: int) -> tuple[float, float]:
     """Views for the student: at 32-64 px a crop of 8% of the image is a few pixels blown up, a
     view neither the teacher nor the test set looks like; (0.25, 1) scored +0.8 points (student
-    batch 25) and +1.3 (batch 10) on CIFAR-10 IPC 10 (docs/ablation.md)."""
+    batch 25) and +1.3 (batch 10) on CIFAR-10 IPC 10 (docs/ablation-protocol.md)."""
     return (0.25, 1.0) if resolution <= SMALL else (0.08, 1.0)
 
 
