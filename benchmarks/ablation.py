@@ -108,7 +108,7 @@ def key(variant: str, method: str, seed: int) -> str:
 
 
 def base(args) -> list[str]:
-    return ["--preset", "cifar10-cpu", "-S", "tracking.enabled=false", "-S", f"data.path={args.data}",
+    return ["--preset", args.preset, "-S", "tracking.enabled=false", "-S", f"data.path={args.data}",
             "-S", f"device={args.device}"]
 
 
@@ -125,7 +125,7 @@ def run_one(args, variant: str, method: str, seed: int) -> dict | None:
     shutil.copytree(shared / "prepare", out / "prepare", copy_function=os.link)
     shutil.copytree(shared / "metrics", out / "metrics", copy_function=os.link)
     overrides = [*args.suite.base, f"method={method}", *args.suite.variants[variant], f"seed={seed}", f"out_dir={out}",
-                 f"squeeze.teachers.0.weights={args.teacher}"]
+                 f"squeeze.teachers.0.weights={args.teacher}", *args.set]
     command = [*FADRM, "run", "--local", "--no-track", *base(args), *(a for o in overrides for a in ("-S", o))]
     start = time.perf_counter()
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "FADRM_PROGRESS": "0"})
@@ -153,7 +153,8 @@ def render(suite: Suite, results: dict, path: Path) -> Path:
              "and evaluate run in bf16 autocast, so a cell's figure differs from a CPU (fp32) run of it the way "
              "another seed's does (protocol `before | random | seed 0`: 50.55% on an H200, 47.58% on 2 CPU cores); "
              "compare rows measured on the same machine.", "",
-             "| change | " + " | ".join(columns) + f" | mean change vs {suite.reference} | overrides |",
+             "| change | " + (" | ".join(columns) if len(columns) > 1 else "student top-1 (%)")
+             + f" | mean change vs {suite.reference} | overrides |",
              "|---|" + "---|" * len(columns) + "---|---|"]
     ref = {m: [r["top1"] for r in results.values() if r["variant"] == suite.reference and r["method"] == m]
            for m in columns}
@@ -188,6 +189,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ARCHIVE, help="the CIFAR-10 tar.gz")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=1, help="runs at once (each a `fadrm run` process)")
+    parser.add_argument("--preset", default="cifar10-cpu")
+    parser.add_argument("-S", "--set", action="append", default=[], help="extra override of every run (last)")
     parser.add_argument("--results", type=Path, help="JSON of finished runs (default docs/benchmarks/ablation-SUITE.json)")
     parser.add_argument("--report", type=Path, help="Markdown table (default docs/ablation-SUITE.md)")
     args = parser.parse_args()

@@ -211,6 +211,8 @@ def run(args) -> None:
     evals = [(*cell, student, labels) for cell in sets for student in args.students for labels in args.labels]
     records = {_key(r): r for r in (json.loads(args.records.read_text()) if args.records.is_file() else [])}
     todo = [e for e in evals if _key(dict(zip(("method", "ipc", "seed", "student", "labels"), e))) not in records]
+    # soft labels (the protocol) before hard ones, and seed by seed, so an interrupted run has whole rows
+    todo.sort(key=lambda e: (e[4] != "soft", e[2], e[1], METHODS.index(e[0]), e[3]))
     print(f"{len(evals)} evaluations, {len(evals) - len(todo)} already recorded, {len(todo)} to do", flush=True)
     client, parent = _open_parent(args) if args.track else (None, None)
     threads = max(1, (os.cpu_count() or 1) // args.workers)
