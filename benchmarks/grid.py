@@ -51,7 +51,8 @@ RECORDS = ROOT / "docs" / "benchmarks" / "cifar10-cpu.json"
 METHODS = ("random", "rded", "sre2l", "fadrm", "fadrm+")
 TEACHER_ARCHS = ("convnet", "resnet18")
 # Teacher training beyond the preset: ResNet-18 (CIFAR stem) gets its usual recipe.
-TEACHER_OVERRIDES = {"convnet": [], "resnet18": ["squeeze.epochs=30", "squeeze.lr=0.1", "squeeze.batch_size=256"]}
+TEACHER_OVERRIDES = {"convnet": [], "resnet18": ["squeeze.epochs=30", "squeeze.lr=0.1", "squeeze.batch_size=256"],
+                     "resnet20": ["squeeze.epochs=15", "squeeze.lr=0.1"]}  # ResNet-20: FADRM+'s second teacher on CPUs
 SET_STAGES = ("squeeze", "select", "recover", "relabel")
 
 
