@@ -20,10 +20,10 @@ from fadrm.data.prepared import Prepared
 from fadrm.device import autocast, grad_scaler, resolve_precision
 from fadrm.distilled import load_set
 from fadrm.efficiency import flops_per_sample
-from fadrm.engine import accuracy, param_groups, seed_everything, warmup_cosine
-from fadrm.errors import DivergenceError
+from fadrm.engine import accumulation_weights, accuracy, param_groups, seed_everything, warmup_cosine
 from fadrm.losses import soft_kl
 from fadrm.models import create_model
+from fadrm.numerics import StepGuard, check_epoch_loss, check_model
 from fadrm.progress import bar
 from fadrm.stage import stage_run, summarize
 from fadrm.stages.relabel import SoftLabels
@@ -46,13 +46,17 @@ def evaluate(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
         student = create_model(ev.student, data.num_classes, data.resolution).to(device)
         precision = resolve_precision(ev.precision, device)
         optimizer = torch.optim.AdamW(param_groups(student, ev.weight_decay), lr=ev.lr)
-        micro = math.ceil(len(images) / ev.batch_size)
+        sizes = [min(ev.batch_size, len(images) - start) for start in range(0, len(images), ev.batch_size)]
+        micro = len(sizes)
+        weights = accumulation_weights(sizes, ev.accumulate)  # the last group weighs by its real size
         steps_per_epoch = math.ceil(micro / ev.accumulate)
         total = ev.epochs * steps_per_epoch
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: warmup_cosine(s, total, 0, ev.final_lr_fraction)
         )
         scaler = grad_scaler(device, precision)
+        where, hint = f"evaluate ({ev.student})", f"lower evaluate.lr (now {ev.lr:g})"
+        guard = StepGuard(where, optimizer, scaler, hint)
         curve: list[dict] = []
         best = (0.0, 0.0)
         progress = bar(ev.epochs, f"evaluate ({ev.student})", unit="epoch")
@@ -65,19 +69,21 @@ def evaluate(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
                 x = soft.render(x01, views, pos)
                 with autocast(device, precision):
                     out = student(x)
+                at = f"epoch {epoch + 1}, micro-batch {m + 1}/{micro}"
                 if ev.labels == "soft":
-                    loss = soft_kl(out, soft.logits(epoch, x01, views, pos), ev.temperature)
+                    loss = soft_kl(out, soft.logits(epoch, x01, views, pos, at=at), ev.temperature)
                 else:
                     loss = _mixed_ce(out.float(), targets, views, pos, data.resolution)
-                if not torch.isfinite(loss):
-                    raise DivergenceError(f"evaluate: loss became {loss.item()} in epoch {epoch + 1}; lower evaluate.lr")
-                scaler.scale(loss / ev.accumulate).backward()
+                guard.check_loss(loss, at)
+                scaler.scale(loss * weights[m]).backward()
                 running += loss.item() * len(pos)
                 if (m + 1) % ev.accumulate == 0 or m + 1 == micro:
-                    scaler.step(optimizer)
-                    scaler.update()
+                    guard.step(at)
                     optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
+            check_model(student, where, f"the end of epoch {epoch + 1}", hint)
+            check_epoch_loss(running / len(images), data.num_classes, where, f"epoch {epoch + 1}", hint,
+                             final=epoch + 1 == ev.epochs)
             row = {"epoch": epoch + 1, "train_loss": running / len(images), "lr": scheduler.get_last_lr()[0]}
             if (epoch + 1) % ev.eval_every == 0 or epoch + 1 == ev.epochs:
                 top1, top5 = accuracy(student, data.test_batches(ev.test_batch_size, device, cfg.data.workers), precision)

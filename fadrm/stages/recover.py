@@ -38,14 +38,33 @@ from fadrm.efficiency import count_flops
 from fadrm.errors import ConfigError, DivergenceError
 from fadrm.losses import BNStatsLoss
 from fadrm.methods import METHODS, MethodSpec
-from fadrm.models import has_batchnorm
+from fadrm.models import create_model, has_batchnorm
+from fadrm.numerics import SATURATED, SATURATED_RISE, StepGuard, saturated_share
 from fadrm.progress import bar
-from fadrm.stage import StageRun, stage_fingerprint, stage_run
+from fadrm.stage import StageRun, stage_run
 from fadrm.stages.squeeze import load_teachers
 from fadrm.tracker import NULL_TRACKER, Tracker
 from fadrm.visualize import line_plot
 
 Schedule = tuple[tuple[int, int], ...]
+
+
+def preflight(cfg: Config, facts) -> None:
+    """The schedule fits the dataset's resolution (when known), and every teacher has a loss."""
+    spec = METHODS[cfg.method]
+    if not spec.recover:
+        return
+    if facts is not None and facts.resolution is not None:
+        resolve_schedule(cfg.recover, facts.resolution, spec)
+    if cfg.recover.ce_weight == 0:
+        teachers = cfg.squeeze.teachers if spec.all_teachers else cfg.squeeze.teachers[:1]
+        resolution = facts.resolution if facts is not None and facts.resolution else 32
+        for i, teacher in enumerate(teachers):
+            if not has_batchnorm(create_model(teacher.arch, 2, resolution)):
+                raise ConfigError(
+                    f"teacher '{i}-{teacher.arch}' has no BatchNorm layers, and with recover.ce_weight=0 BN matching "
+                    "is its only loss; set ce_weight > 0 or drop that teacher"
+                )
 
 
 def recover(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
@@ -149,8 +168,12 @@ def recover_batch(
     x = resize(x_init, schedule[0][0]).detach().clone().requires_grad_(True)
     log: list[list[float]] = []
     step = 0
+    pinned_at_start = saturated_share(x_init, low, high)
+    who = ", ".join((names or [])[:8])
+    hint = f"lower recover.lr (now {rc.lr:g})"
     for k, (res, iters) in enumerate(schedule):
         optimizer = torch.optim.Adam([x], lr=rc.lr, betas=(0.5, 0.9))
+        guard = StepGuard(f"recover (images [{who}])", optimizer, scaler, hint)
         for _ in range(iters):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, total, rc.lr)
@@ -161,16 +184,12 @@ def recover_batch(
             ce = F.cross_entropy(logits.float(), targets)
             bn = teacher.bn.pop()
             loss = rc.ce_weight * ce + (rc.bn_weight * bn if bn is not None else 0.0)
+            at = f"iteration {step + 1}/{total} (stage {k + 1}, {res} px, teacher {teacher.name})"
             if not torch.isfinite(loss):
-                who = ", ".join((names or [])[:8])
-                raise DivergenceError(
-                    f"recover: loss became {loss.item()} at iteration {step + 1}/{total} "
-                    f"(stage {k + 1}, {res} px, teacher {teacher.name}) for images [{who}]"
-                )
+                raise DivergenceError(f"recover: loss became {loss.item()} at {at} for images [{who}]; {hint}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            guard.step(at)
             with torch.no_grad():
                 x.copy_(torch.maximum(torch.minimum(x, high), low))
             if step % rc.log_every == 0 or step == total - 1:
@@ -178,6 +197,13 @@ def recover_batch(
             step += 1
             if on_step is not None:
                 on_step()
+        pinned = saturated_share(x.detach(), low, high)  # collapse: the images became flat 0/255 fields
+        if iters and pinned > SATURATED and pinned > pinned_at_start + SATURATED_RISE:
+            raise DivergenceError(
+                f"recover: {pinned:.0%} of the pixels are pinned at 0 or 255 after iteration {step}/{total} "
+                f"(stage {k + 1}, {res} px; the initial images had {pinned_at_start:.0%}) for images [{who}]: "
+                f"the step size is far too large; {hint}"
+            )
         if k + 1 < len(schedule):
             nxt = schedule[k + 1][0]
             with torch.no_grad():
@@ -208,20 +234,22 @@ def _recover_all(cfg: Config, spec: MethodSpec, data: Prepared, init: torch.Tens
     crop_scale = tuple(rc.crop_scale) if rc.crop_scale is not None else default_recover_crop_scale(data.resolution)
     order = _class_interleaved(labels)
     batches = [order[s : s + rc.batch_size] for s in range(0, len(order), rc.batch_size)]
-    partial = run.layout.partial("recover") / stage_fingerprint("recover", cfg, run.layout)[:16]
+    partial = run.layout.partial("recover") / run.fingerprint[:16]
     partial.mkdir(parents=True, exist_ok=True)
     total_steps = sum(iters for _, iters in schedule)
     flops_per_step = _flops_per_step(teachers, schedule, rc.batch_size, data, device, precision)
     out = torch.empty_like(init)
     logs: list[torch.Tensor] = []
     progress = bar(len(batches) * total_steps, f"recover ({cfg.method})", unit="step")
-    busy, fresh = 0.0, 0
+    busy = 0.0
+    fresh_batches: set[int] = set()
     mine = {b for b in range(len(batches)) if b % distributed.world_size() == distributed.rank()}
     for b, idx in enumerate(batches):
         done = partial / f"batch-{b:05d}.pt"
         if b not in mine or done.is_file():
             progress.update(total_steps)
             continue
+        fresh_batches.add(b)
         names = [f"{data.classes[labels[i]]}#{i}" for i in idx]
         x_init = data.to_input(init[idx], device)
         targets = torch.from_numpy(labels[idx]).to(device)
@@ -233,16 +261,21 @@ def _recover_all(cfg: Config, spec: MethodSpec, data: Prepared, init: torch.Tens
             on_step=progress.update, names=names,
         )
         busy += time.perf_counter() - start
-        fresh += len(idx)
-        saved = {"images": to_uint8(data.denormalize(x)), "log": torch.tensor(log, dtype=torch.float64)}
+        saved = {"images": to_uint8(data.denormalize(x)), "log": torch.tensor(log, dtype=torch.float64),
+                 "seconds": time.perf_counter() - start}
         torch.save(saved, done.with_suffix(".tmp"))
         done.with_suffix(".tmp").replace(done)
     progress.close()
     distributed.barrier()  # under torchrun: every rank's batches are on disk from here on
+    resumed = 0.0
     for b, idx in enumerate(batches):
         saved = torch.load(partial / f"batch-{b:05d}.pt", weights_only=True)
         out[idx] = saved["images"]
         logs.append(saved["log"])
+        if b in mine and b not in fresh_batches:
+            resumed += float(saved.get("seconds", 0.0))
+    run.resumed_seconds += resumed  # batches finished before an interruption still count
+    mine_images = sum(len(batches[b]) for b in mine)
     # The loss curve: mean over batches at every logged step.
     mean_log = torch.stack(logs).mean(0).tolist()
     loss_rows = [{"step": int(step), "loss": loss, "ce": ce, "bn": bn} for step, loss, ce, bn in mean_log]
@@ -256,7 +289,8 @@ def _recover_all(cfg: Config, spec: MethodSpec, data: Prepared, init: torch.Tens
         "schedule": [list(p) for p in schedule],
         "precision": precision,
         "teachers": [t.name for t in teachers],
-        "s_per_image": round(busy / fresh, 4) if fresh else None,  # None: every batch was resumed
+        # this process's batches, those finished before an interruption included
+        "s_per_image": round((busy + resumed) / mine_images, 4) if mine_images else None,
         "flops": flops_per_step * len(batches),
     }
     return out, loss_rows, stats

@@ -20,7 +20,7 @@ from fadrm.data.prepared import Prepared
 from fadrm.device import autocast, resolve_precision
 from fadrm.distilled import load_set
 from fadrm.efficiency import flops_per_sample
-from fadrm.errors import MissingInputError
+from fadrm.errors import DamagedInputError, DivergenceError, MissingInputError
 from fadrm.io import read_json, write_json
 from fadrm.progress import bar
 from fadrm.stage import stage_run
@@ -58,7 +58,8 @@ def relabel(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
                     arrays[field][epoch] = torch.from_numpy(getattr(views, field).astype(np.int64)).to(dtype)
                 for start in range(0, n, rl.batch_size):
                     pos = np.arange(start, min(start + rl.batch_size, n))
-                    logits[epoch, pos] = labels.teacher_logits(x01, views, pos).half().cpu()
+                    at = f"epoch {epoch + 1}, views {start}-{pos[-1]}"
+                    logits[epoch, pos] = _fp16_labels(labels.teacher_logits(x01, views, pos, at=at), at)
                 progress.update()
             progress.close()
             save_file({**arrays, "logits": logits}, str(run.dir / LABELS))
@@ -89,7 +90,13 @@ class SoftLabels:
             raise MissingInputError(f"no soft labels in {folder}; run `fadrm relabel` first")
         recipe = read_json(folder / RECIPE)
         if recipe["mode"] == "stored":
-            return cls(recipe, data, device, stored=load_file(str(folder / LABELS)), precision=precision)
+            stored = load_file(str(folder / LABELS))
+            if not torch.isfinite(stored["logits"]).all():
+                raise DamagedInputError(
+                    f"the soft labels in {folder / LABELS} hold non-finite values (made by broken teachers); "
+                    "rerun `fadrm squeeze` and `fadrm relabel`, or `fadrm run`"
+                )
+            return cls(recipe, data, device, stored=stored, precision=precision)
         return cls(recipe, data, device, teachers=load_teachers(squeeze_dir, data, device), precision=precision)
 
     @property
@@ -110,17 +117,34 @@ class SoftLabels:
         return self.data.normalize(render_views(x01, views, positions, self.recipe["size"]))
 
     @torch.no_grad()
-    def teacher_logits(self, x01: torch.Tensor, views: Views, positions: np.ndarray) -> torch.Tensor:
-        """The teachers' averaged logits for these views, computed now."""
+    def teacher_logits(self, x01: torch.Tensor, views: Views, positions: np.ndarray, at: str = "") -> torch.Tensor:
+        """The teachers' averaged logits for these views, computed now (non-finite ones are refused:
+        they come from broken teachers, and whatever learns from them would be blamed instead)."""
         x = self.render(x01, views, positions)
         total = None
-        for _, model in self.teachers:
+        for name, model in self.teachers:
             with autocast(self.device, self.precision):
                 out = model(x).float()
+            if not torch.isfinite(out).all():
+                raise DivergenceError(
+                    f"soft labels: teacher {name} gave non-finite logits ({at or 'these views'}); the teacher in "
+                    "squeeze/ is broken: rerun `fadrm squeeze` (a lower squeeze.lr) and `fadrm relabel`"
+                )
             total = out if total is None else total + out
         return total / len(self.teachers)
 
-    def logits(self, epoch: int, x01: torch.Tensor, views: Views, positions: np.ndarray) -> torch.Tensor:
+    def logits(self, epoch: int, x01: torch.Tensor, views: Views, positions: np.ndarray, at: str = "") -> torch.Tensor:
         if self.stored is not None:
             return self.stored["logits"][epoch % self.epochs][torch.from_numpy(positions)].float().to(self.device)
-        return self.teacher_logits(x01, views, positions)
+        return self.teacher_logits(x01, views, positions, at=at)
+
+
+def _fp16_labels(logits: torch.Tensor, at: str) -> torch.Tensor:
+    """Logits as stored (fp16), refusing values that do not fit (|x| > 65504 becomes inf)."""
+    half = logits.half().cpu()
+    if not torch.isfinite(half).all():
+        raise DivergenceError(
+            f"relabel: teacher logits up to {logits.abs().max().item():.3g} at {at} do not fit fp16 storage; "
+            "such teachers are broken (rerun `fadrm squeeze` with a lower squeeze.lr), or use relabel.mode=online"
+        )
+    return half
