@@ -104,6 +104,9 @@ def hold(layout: Layout) -> Iterator[Held]:
                 entry[1] -= 1
         return
     path.parent.mkdir(parents=True, exist_ok=True)
+    ignore = path.parent / ".gitignore"
+    if not ignore.exists():  # bookkeeping, never something to commit (as .pytest_cache does it)
+        ignore.write_text("# written by fadrm: the writer's lock and the hash cache\n*\n")
     fh = open(path, "a+")  # noqa: SIM115 - held open for the lifetime of the lock
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
