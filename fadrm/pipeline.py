@@ -1,8 +1,12 @@
 """The whole pipeline in-process: prepare -> squeeze -> select -> recover -> relabel -> evaluate.
 
-Stages whose output is current (same params, same inputs: see ``fadrm.stage.is_current``)
-are skipped unless ``force`` — rerunning after a change redoes only what it affects, like
-``dvc repro``. The table printed at the end comes from ``<out>/metrics.json``.
+The run holds the output folder's writer lock from start to end (a second run on the same
+``out_dir`` is refused; the leftovers of a killed one are removed). Every stage's cheap checks
+run before the first stage and again once the dataset is prepared, so a configuration that
+cannot work fails before the teacher trains. Stages whose output is current (same params,
+code and input content, output intact: :mod:`fadrm.lineage`) are skipped unless ``force`` —
+rerunning after a change redoes only what it affects, like ``dvc repro``, and says why each
+stage runs. The table printed at the end comes from ``<out>/metrics.json``.
 """
 
 from __future__ import annotations
@@ -10,9 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from fadrm import preflight
 from fadrm.config import Config
+from fadrm.errors import storage_errors
+from fadrm.io import HashCache
+from fadrm.lineage import Lineage
+from fadrm.lock import hold, holder_text
 from fadrm.shards import Shard
-from fadrm.stage import STAGE_ORDER, Layout, is_current, summarize
+from fadrm.stage import STAGE_ORDER, Layout, summarize
 from fadrm.stages.evaluate import evaluate
 from fadrm.stages.prepare import prepare
 from fadrm.stages.recover import recover, recover_shard
@@ -34,6 +43,10 @@ assert tuple(STAGES) == STAGE_ORDER
 SHARDED: dict[str, Callable[[Config, Shard], dict]] = {"select": select_shard, "recover": recover_shard}
 
 
+def stages_until(until: str | None) -> tuple[str, ...]:
+    return STAGE_ORDER if until is None else STAGE_ORDER[: STAGE_ORDER.index(until) + 1]
+
+
 def run_pipeline(
     cfg: Config,
     tracker: Tracker = NULL_TRACKER,
@@ -42,18 +55,35 @@ def run_pipeline(
     until: str | None = None,
     announce: Callable[[str, str], None] = lambda stage, status: None,
 ) -> dict[str, Any]:
-    """Run every stage (up to ``until``) in order; return the summary (``<out>/metrics.json``)."""
+    """Run every stage (up to ``until``) in order; return the summary (``<out>/metrics.json``).
+
+    ``announce(stage, status)`` hears ``"up to date"``, ``"running (<why>)"`` and ``"done"``
+    for each stage, and ``("lock", ...)`` when this run took over from a killed one.
+    """
     layout = Layout.of(cfg)
-    names = STAGE_ORDER if until is None else STAGE_ORDER[: STAGE_ORDER.index(until) + 1]
-    for name in names:
-        if not force and is_current(name, cfg, layout):
-            announce(name, "up to date")
-            continue
-        announce(name, "running")
-        with tracker.stage(name) as stage_tracker:
-            STAGES[name](cfg, stage_tracker)
-        announce(name, "done")
-    return summarize(layout)
+    names = stages_until(until)
+    preflight.check(cfg, names, preflight.best_facts(cfg, layout))
+    with storage_errors("run", layout.root), hold(layout) as held:
+        if held.previous:
+            announce("lock", f"took over from {holder_text(held.previous)}, which ended without releasing it")
+        if held.removed:
+            announce("lock", f"removed {len(held.removed)} leftover(s) of an interrupted run: {', '.join(held.removed[:4])}")
+        cache = HashCache(layout.hash_cache)
+        checked_with_data = False
+        for name in names:
+            if name != "prepare" and not checked_with_data:
+                preflight.check(cfg, names, preflight.best_facts(cfg, layout))  # the dataset is known now
+                checked_with_data = True
+            reason = "forced" if force else Lineage(cfg, layout, cache).stale_reason(name)
+            if reason is None:
+                announce(name, "up to date")
+                continue
+            announce(name, f"running ({reason})")
+            with tracker.stage(name) as stage_tracker:
+                STAGES[name](cfg, stage_tracker)
+            announce(name, "done")
+        cache.close()
+        return summarize(layout)
 
 
 def summary_table(summary: dict[str, Any]) -> str:

@@ -20,10 +20,13 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from fadrm import preflight
 from fadrm.config import Config, load_config, validate
 from fadrm.errors import FadrmError
+from fadrm.lineage import Lineage
+from fadrm.lock import hold, holder_text
 from fadrm.pipeline import STAGES, summary_table
-from fadrm.stage import STAGE_ORDER, Layout, is_current, summarize
+from fadrm.stage import STAGE_ORDER, Layout, summarize
 from fadrm.tracking import mlflow_run_link, open_tracker
 from flows.dvc_sync import sync_dvc
 
@@ -62,14 +65,23 @@ def distill_flow(
     logger = get_run_logger()
     cfg = load_config(params, preset, overrides or [])
     layout = Layout.of(cfg)
-    with open_tracker(cfg, enabled=track) as tracker:
+    preflight.check(cfg, STAGE_ORDER, preflight.best_facts(cfg, layout))
+    # one writer per output folder: the tasks run in this process and take the same lock again
+    with hold(layout) as held, open_tracker(cfg, enabled=track) as tracker:
+        if held.previous:
+            logger.warning("took over %s from %s, which ended without releasing it", layout.root,
+                           holder_text(held.previous))
         parent_run_id = getattr(tracker, "run_id", None)
         for name in STAGE_ORDER:
-            if not force and is_current(name, cfg, layout):
+            if name == "squeeze":
+                preflight.check(cfg, STAGE_ORDER, preflight.best_facts(cfg, layout))  # the dataset is known now
+            reason = "forced" if force else Lineage(cfg, layout).stale_reason(name)
+            if reason is None:
                 logger.info("%s: up to date, skipped", name)
                 continue
+            logger.info("%s: running (%s)", name, reason)
             stage_task(name, cfg.to_dict(), parent_run_id)
-    summary = summarize(layout)
+        summary = summarize(layout)
     summary["mlflow_run_id"] = parent_run_id
     _report(cfg, summary, parent_run_id)
     summary["dvc"] = sync_dvc(cfg, params, preset, overrides)

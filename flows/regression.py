@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from fadrm.config import load_config
 from fadrm.regression import RegressionFailed
-from fadrm.tracking import judge, record_verdict
+from fadrm.tracking import judge, load_baseline, record_verdict
 from flows.distill import distill_flow
 
 DEFAULT_OUT = "outputs/regression"
@@ -35,6 +35,7 @@ def regression_flow(
     logger = get_run_logger()
     project = load_config(params)
     preset = preset or project.regression.preset
+    load_baseline(project, baseline or project.regression.baseline)  # a missing baseline fails before the benchmark
     overrides = [f"out_dir={DEFAULT_OUT}", *(overrides or [])]
     summary = distill_flow(params, preset, overrides, force=True, track=track)
     cfg = load_config(params, preset, overrides)

@@ -106,7 +106,8 @@ def test_rerun_skips_current_stages_and_redoes_changed_ones(tiny_copy):
     assert [s for s in STAGE_ORDER if not is_current(s, changed, layout)] == ["relabel", "evaluate"]
     seen = []
     run_pipeline(changed, announce=lambda s, status: seen.append((s, status)))
-    assert ("squeeze", "up to date") in seen and ("relabel", "running") in seen
+    assert ("squeeze", "up to date") in seen
+    assert ("relabel", "running (params changed: relabel.epochs (3 -> 2))") in seen
     assert all(is_current(s, changed, layout) for s in STAGE_ORDER)
 
 
@@ -165,12 +166,19 @@ def test_squeeze_resumes_from_its_checkpoint(tiny_copy, monkeypatch):
     assert not layout.stage("squeeze").exists() and (layout.partial("squeeze") / "0-convnet.ckpt").is_file()
     monkeypatch.setattr(squeeze_module, "_save_checkpoint", original)
     resumed = squeeze_module.squeeze(cfg)
+    resumed_curve = read_json(layout.plot("squeeze_loss"))
     weights = load_file(str(layout.stage("squeeze") / "0-convnet.safetensors"))
     shutil.rmtree(layout.stage("squeeze"))
     straight = squeeze_module.squeeze(cfg)
     assert resumed["teacher_top1"] == straight["teacher_top1"]
     again = load_file(str(layout.stage("squeeze") / "0-convnet.safetensors"))
     assert all(torch.equal(weights[k], again[k]) for k in weights)
+    # the resumed run reports the whole training: both epochs' losses, all FLOPs, the seconds before the stop
+    assert [r["epoch"] for r in resumed_curve] == [1, 2]
+    assert resumed_curve == read_json(layout.plot("squeeze_loss"))
+    assert resumed["flops"] == straight["flops"]
+    assert 0 < resumed["resumed_seconds"] < resumed["seconds"]
+    assert not layout.partial("squeeze").exists()  # checkpoints go once the output is published
 
 
 @pytest.mark.slow

@@ -30,10 +30,10 @@ from fadrm.data.prepared import Prepared
 from fadrm.device import autocast, grad_scaler, resolve_precision
 from fadrm.distilled import load_set
 from fadrm.efficiency import flops_per_sample
-from fadrm.engine import accuracy, param_groups, seed_everything, warmup_cosine
-from fadrm.errors import DivergenceError
+from fadrm.engine import accumulation_weights, accuracy, param_groups, seed_everything, warmup_cosine
 from fadrm.losses import soft_kl
 from fadrm.models import create_model
+from fadrm.numerics import StepGuard, check_epoch_loss, check_model
 from fadrm.progress import bar
 from fadrm.stage import stage_run, summarize
 from fadrm.stages.relabel import SoftLabels
@@ -58,7 +58,9 @@ def evaluate(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
         precision = resolve_precision(ev.precision, device)
         optimizer = torch.optim.AdamW(param_groups(student, ev.weight_decay), lr=ev.lr)
         n = len(images)
-        micro = math.ceil(n / ev.batch_size)
+        sizes = [min(ev.batch_size, n - start) for start in range(0, n, ev.batch_size)]
+        micro = len(sizes)
+        weights = accumulation_weights(sizes, ev.accumulate)  # each step: the mean over the samples it saw
         steps_per_epoch = math.ceil(micro / ev.accumulate)
         total = ev.epochs * steps_per_epoch
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -66,6 +68,8 @@ def evaluate(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
         )
         scaler = grad_scaler(device, precision)
         rank, world = distributed.rank(), distributed.world_size()
+        where, hint = f"evaluate ({ev.student})", f"lower evaluate.lr (now {ev.lr:g})"
+        guard = StepGuard(where, optimizer, scaler, hint)
         curve: list[dict] = []
         best = (0.0, 0.0)
         progress = bar(ev.epochs, f"evaluate ({ev.student})", unit="epoch")
@@ -75,36 +79,36 @@ def evaluate(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
             loss_sum = torch.zeros((), device=device)  # summed on the device: one host sync per epoch
             for m, start in enumerate(range(0, n, ev.batch_size)):
                 pos = np.arange(start, min(start + ev.batch_size, n))
-                group = m // ev.accumulate
-                in_group = min(ev.accumulate, micro - group * ev.accumulate)  # the last group may be short
                 closes_group = (m + 1) % ev.accumulate == 0 or m + 1 == micro
                 local, share = rank_part(pos, rank, world)
                 sync = contextlib.nullcontext() if closes_group or world == 1 else trained.no_sync()
+                at = f"epoch {epoch + 1}, micro-batch {m + 1}/{micro}"
                 with sync:
                     if len(local):
                         x = soft.render(x_u8, views, local)
                         with autocast(device, precision):
                             out = trained(x)
                         if ev.labels == "soft":
-                            loss = soft_kl(out, soft.logits(epoch, x_u8, views, local), ev.temperature)
+                            loss = soft_kl(out, soft.logits(epoch, x_u8, views, local, at=at), ev.temperature)
                         else:
                             loss = _mixed_ce(out.float(), targets, views, local, data.resolution)
                         loss_sum += loss.detach() * len(local)
                     else:  # fewer views than ranks: take part in the gradient average with nothing
                         loss = sum(p.sum() for p in trained.parameters()) * 0.0
-                    # the mean over the whole micro-batch, and over the micro-batches of this step
-                    scaler.scale(loss * share / in_group).backward()
+                    # this rank's share of the micro-batch's mean, that micro-batch's share of its step
+                    scaler.scale(loss * share * weights[m]).backward()
                 if closes_group:
-                    scaler.step(optimizer)
-                    scaler.update()
+                    if scaler.is_enabled():
+                        guard.step(at)  # fp16: an overflow the scaler cannot absorb is divergence
+                    else:  # no per-step host sync: a non-finite value shows in the epoch's checks below
+                        optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
             if world > 1:
                 dist.all_reduce(loss_sum)
             train_loss = loss_sum.item() / n
-            if not math.isfinite(train_loss):
-                raise DivergenceError(f"evaluate: the student's loss became {train_loss} in epoch {epoch + 1}; "
-                                      f"lower evaluate.lr (now {ev.lr})")
+            check_model(student, where, f"the end of epoch {epoch + 1}", hint)
+            check_epoch_loss(train_loss, data.num_classes, where, f"epoch {epoch + 1}", hint, final=epoch + 1 == ev.epochs)
             row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
             if ((epoch + 1) % ev.eval_every == 0 or epoch + 1 == ev.epochs) and distributed.is_main():
                 top1, top5 = accuracy(student, data.test_batches(ev.test_batch_size, device, cfg.data.workers), precision)

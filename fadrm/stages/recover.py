@@ -40,7 +40,8 @@ from fadrm.efficiency import count_flops
 from fadrm.errors import ConfigError, DivergenceError, MissingInputError
 from fadrm.losses import BNStatsLoss
 from fadrm.methods import METHODS, MethodSpec
-from fadrm.models import has_batchnorm
+from fadrm.models import create_model, has_batchnorm
+from fadrm.numerics import SATURATED, SATURATED_RISE, StepGuard, saturated_share
 from fadrm.progress import bar
 from fadrm.shards import Shard
 from fadrm.stage import Layout, require, stage_fingerprint, stage_run
@@ -49,6 +50,24 @@ from fadrm.tracker import NULL_TRACKER, Tracker
 from fadrm.visualize import line_plot
 
 Schedule = tuple[tuple[int, int], ...]
+
+
+def preflight(cfg: Config, facts) -> None:
+    """The schedule fits the dataset's resolution (when known), and every teacher has a loss."""
+    spec = METHODS[cfg.method]
+    if not spec.recover:
+        return
+    if facts is not None and facts.resolution is not None:
+        resolve_schedule(cfg.recover, facts.resolution, spec)
+    if cfg.recover.ce_weight == 0:
+        teachers = cfg.squeeze.teachers if spec.all_teachers else cfg.squeeze.teachers[:1]
+        resolution = facts.resolution if facts is not None and facts.resolution else 32
+        for i, teacher in enumerate(teachers):
+            if not has_batchnorm(create_model(teacher.arch, 2, resolution)):
+                raise ConfigError(
+                    f"teacher '{i}-{teacher.arch}' has no BatchNorm layers, and with recover.ce_weight=0 BN matching "
+                    "is its only loss; set ce_weight > 0 or drop that teacher"
+                )
 
 
 def recover(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
@@ -64,6 +83,7 @@ def recover(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
         if spec.recover:
             plan = Recovery(cfg, run.layout, run.device, data, init, labels)
             stats = plan.run(Shard.of_process())
+            run.resumed_seconds += stats.pop("resumed_seconds")
             distributed.barrier()  # under torchrun: every rank's batches are on disk from here on
             images, loss_rows = plan.assemble(run.tracker)
             stats = {**plan.stats(), **stats}
@@ -99,7 +119,7 @@ def recover_shard(cfg: Config, shard: Shard) -> dict:
     if not METHODS[cfg.method].recover:
         return {"shard": str(shard), "batches": 0, "recovered": 0}
     layout = Layout.of(cfg)
-    require(layout, "select", "recover")
+    require(cfg, layout, "recover")
     data = Prepared(layout.stage("prepare"))
     init, labels, _ = load_set(layout.stage("select"))
     plan = Recovery(cfg, layout, resolve_device(cfg.device), data, init, labels)
@@ -191,8 +211,12 @@ def recover_batch(
     x = resize(x_init, schedule[0][0]).detach().clone().requires_grad_(True)
     log: list[list[float]] = []
     step = 0
+    pinned_at_start = saturated_share(x_init, low, high)
+    who = ", ".join((names or [])[:8])
+    hint = f"lower recover.lr (now {rc.lr:g})"
     for k, (res, iters) in enumerate(schedule):
         optimizer = torch.optim.Adam([x], lr=rc.lr, betas=(0.5, 0.9))
+        guard = StepGuard(f"recover (images [{who}])", optimizer, scaler, hint)
         for _ in range(iters):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, total, rc.lr)
@@ -203,16 +227,12 @@ def recover_batch(
             ce = F.cross_entropy(logits.float(), targets)
             bn = teacher.bn.pop()
             loss = rc.ce_weight * ce + (rc.bn_weight * bn if bn is not None else 0.0)
+            at = f"iteration {step + 1}/{total} (stage {k + 1}, {res} px, teacher {teacher.name})"
             if not torch.isfinite(loss):
-                who = ", ".join((names or [])[:8])
-                raise DivergenceError(
-                    f"recover: loss became {loss.item()} at iteration {step + 1}/{total} "
-                    f"(stage {k + 1}, {res} px, teacher {teacher.name}) for images [{who}]"
-                )
+                raise DivergenceError(f"recover: loss became {loss.item()} at {at} for images [{who}]; {hint}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            guard.step(at)
             with torch.no_grad():
                 x.copy_(torch.maximum(torch.minimum(x, high), low))
             if step % rc.log_every == 0 or step == total - 1:
@@ -220,6 +240,13 @@ def recover_batch(
             step += 1
             if on_step is not None:
                 on_step()
+        pinned = saturated_share(x.detach(), low, high)  # collapse: the images became flat 0/255 fields
+        if iters and pinned > SATURATED and pinned > pinned_at_start + SATURATED_RISE:
+            raise DivergenceError(
+                f"recover: {pinned:.0%} of the pixels are pinned at 0 or 255 after iteration {step}/{total} "
+                f"(stage {k + 1}, {res} px; the initial images had {pinned_at_start:.0%}) for images [{who}]: "
+                f"the step size is far too large; {hint}"
+            )
         if k + 1 < len(schedule):
             nxt = schedule[k + 1][0]
             with torch.no_grad():
@@ -293,9 +320,10 @@ class Recovery:
         owned = shard.units(len(self.batches))
         progress = bar(len(owned) * self.total_steps, f"recover ({self.cfg.method}) shard {shard}"
                        if shard.count > 1 else f"recover ({self.cfg.method})", unit="step")
-        busy, fresh = 0.0, 0
+        busy, resumed, fresh = 0.0, 0.0, 0
         for b in owned:
-            if self.batch_file(b).is_file():
+            if self.batch_file(b).is_file():  # finished before an interruption, or by another shard
+                resumed += float(torch.load(self.batch_file(b), weights_only=True).get("seconds", 0.0))
                 progress.update(self.total_steps)
                 continue
             start = time.perf_counter()
@@ -303,10 +331,12 @@ class Recovery:
             busy += time.perf_counter() - start
             fresh += len(self.batches[b])
         progress.close()
-        return {"s_per_image": round(busy / fresh, 4) if fresh else None,  # None: every batch was resumed
-                "recovered_images": fresh}
+        images = sum(len(self.batches[b]) for b in owned)
+        return {"s_per_image": round((busy + resumed) / images, 4) if images else None,  # resumed batches count
+                "recovered_images": fresh, "resumed_seconds": resumed}
 
     def _recover_one(self, b: int, progress) -> None:
+        start = time.perf_counter()
         idx = self.batches[b]
         names = [f"{self.data.classes[self.labels[i]]}#{i}" for i in idx]
         x, log = recover_batch(
@@ -316,7 +346,8 @@ class Recovery:
             rng=np.random.default_rng([self.cfg.seed, b, 0x2EC0]), on_step=progress.update, names=names,
             anchors=self.batch_anchors(idx),
         )
-        saved = {"images": to_uint8(self.data.denormalize(x)), "log": torch.tensor(log, dtype=torch.float64)}
+        saved = {"images": to_uint8(self.data.denormalize(x)), "log": torch.tensor(log, dtype=torch.float64),
+                 "seconds": time.perf_counter() - start}
         tmp = self.batch_file(b).with_suffix(".tmp")
         torch.save(saved, tmp)
         tmp.replace(self.batch_file(b))

@@ -31,7 +31,7 @@ from fadrm.data.prepared import Prepared
 from fadrm.device import autocast, resolve_precision
 from fadrm.distilled import load_set
 from fadrm.efficiency import flops_per_sample
-from fadrm.errors import MissingInputError
+from fadrm.errors import DamagedInputError, DivergenceError, MissingInputError
 from fadrm.io import read_json, write_json
 from fadrm.progress import bar
 from fadrm.shards import Shard
@@ -93,13 +93,27 @@ def _label_epochs(labels: SoftLabels, images: torch.Tensor, partial: Path, shard
     n, batch = recipe["num_images"], recipe["batch_size"]
     for epoch in owned:
         views = labels.views(epoch)
-        rows = [labels.teacher_logits(images, views, np.arange(s, min(s + batch, n))) for s in range(0, n, batch)]
+        rows = []
+        for s in range(0, n, batch):
+            at = f"epoch {epoch + 1}, views {s}-{min(s + batch, n) - 1}"
+            rows.append(_fits_fp16(labels.teacher_logits(images, views, np.arange(s, min(s + batch, n)), at=at), at))
         encoded = encode(torch.cat(rows).float().cpu(), recipe["top_k"])
         tmp = partial / f"epoch-{epoch:05d}.tmp"
         save_file(encoded, str(tmp))
         tmp.replace(partial / f"epoch-{epoch:05d}.safetensors")
         progress.update()
     progress.close()
+
+
+def _fits_fp16(logits: torch.Tensor, at: str) -> torch.Tensor:
+    """Logits that fp16 storage can hold (|x| <= 65504, else inf), or an error naming where."""
+    largest = logits.abs().max().item()
+    if largest > torch.finfo(torch.float16).max:
+        raise DivergenceError(
+            f"relabel: teacher logits up to {largest:.3g} at {at} do not fit fp16 storage; such teachers are "
+            "broken (rerun `fadrm squeeze` with a lower squeeze.lr), or use relabel.mode=online"
+        )
+    return logits
 
 
 def _assemble(partial: Path, epochs: int) -> dict[str, torch.Tensor]:
@@ -138,6 +152,7 @@ class SoftLabels:
         self.recipe, self.data, self.device = recipe, data, device
         self.teachers = teachers
         self.precision = resolve_precision(precision, device)
+        self._path = stored
         self._file = safe_open(str(stored), framework="pt") if stored is not None else None
 
     @classmethod
@@ -169,22 +184,35 @@ class SoftLabels:
         return self.data.normalize(render_views(images, views, positions, self.recipe["size"]))
 
     @torch.no_grad()
-    def teacher_logits(self, images: torch.Tensor, views: Views, positions: np.ndarray) -> torch.Tensor:
-        """The teachers' averaged logits for these views, computed now."""
+    def teacher_logits(self, images: torch.Tensor, views: Views, positions: np.ndarray, at: str = "") -> torch.Tensor:
+        """The teachers' averaged logits for these views, computed now (non-finite ones are refused:
+        they come from broken teachers, and whatever learns from them would be blamed instead)."""
         x = self.render(images, views, positions)
         total = None
-        for _, model in self.teachers:
+        for name, model in self.teachers:
             with autocast(self.device, self.precision):
                 out = model(x).float()
+            if not torch.isfinite(out).all():
+                raise DivergenceError(
+                    f"soft labels: teacher {name} gave non-finite logits ({at or 'these views'}); the teacher in "
+                    "squeeze/ is broken: rerun `fadrm squeeze` (a lower squeeze.lr) and `fadrm relabel`"
+                )
             total = out if total is None else total + out
         return total / len(self.teachers)
 
-    def logits(self, epoch: int, images: torch.Tensor | None, views: Views, positions: np.ndarray) -> torch.Tensor:
+    def logits(self, epoch: int, images: torch.Tensor | None, views: Views, positions: np.ndarray,
+               at: str = "") -> torch.Tensor:
         """The labels of the view records at ``positions`` (a contiguous range) of ``epoch``."""
         if self._file is None:
-            return self.teacher_logits(images, views, positions)
+            return self.teacher_logits(images, views, positions, at=at)
         e, lo, hi = epoch % self.epochs, int(positions[0]), int(positions[-1]) + 1
         if hi - lo != len(positions):
             raise ValueError("stored labels are read for a contiguous range of view records")
         parts = {key: self._file.get_slice(key)[e, lo:hi] for key in self._file.keys()}
-        return decode(parts, self.recipe["num_classes"]).to(self.device, non_blocking=True)
+        out = decode(parts, self.recipe["num_classes"])
+        if not torch.isfinite(out).all():  # checked on the host, slice by slice: the file may not fit in memory
+            raise DamagedInputError(
+                f"the soft labels in {self._path} hold non-finite values (epoch {e + 1}, views {lo}-{hi - 1}; made "
+                "by broken teachers); rerun `fadrm squeeze` and `fadrm relabel`, or `fadrm run`"
+            )
+        return out.to(self.device, non_blocking=True)

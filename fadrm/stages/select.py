@@ -40,6 +40,29 @@ from fadrm.tracker import NULL_TRACKER, Tracker
 SQUARE = (1.0, 1.0)
 
 
+def preflight(cfg: Config, facts) -> None:
+    """IPC, stitching factor and candidates fit the classes (once the prepared dataset is known)."""
+    if facts is None or facts.train_counts is None:
+        return
+    spec = METHODS[cfg.method]
+    for name, have in facts.train_counts.items():
+        if have < cfg.ipc:
+            raise DataError(f"ipc={cfg.ipc} but class '{name}' has only {have} training images; lower ipc")
+    if spec.init != "patches":
+        return
+    factor = cfg.select.factor or default_factor(facts.resolution)
+    if facts.resolution % factor:
+        raise ConfigError(f"select.factor={factor} does not divide the resolution {facts.resolution}")
+    need = cfg.ipc * factor * factor
+    for name, have in facts.train_counts.items():
+        count = min(cfg.select.candidates, have)
+        if count < need:
+            raise ConfigError(
+                f"class '{name}': {count} candidate images cannot give ipc x factor^2 = {need} patches; "
+                "raise select.candidates or lower ipc"
+            )
+
+
 def select(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
     """Write IPC initial images per class with their lineage. Returns the stage metrics.
 
@@ -75,7 +98,7 @@ def select(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
 def select_shard(cfg: Config, shard: Shard) -> dict:
     """Select the classes of one shard into the partial folder, and publish nothing."""
     layout = Layout.of(cfg)
-    require(layout, "squeeze", "select")
+    require(cfg, layout, "select")
     plan = Selection(cfg, layout, resolve_device(cfg.device))
     done = plan.run(shard)
     return {"shard": str(shard), "classes": len(shard.units(plan.data.num_classes)), "selected": done}
