@@ -51,7 +51,8 @@ MUTANTS = [
            "return alpha * resize(x, size) + (1 - alpha) * resize(init, size)",
            "return (1 - alpha) * resize(x, size) + alpha * resize(init, size)", RECOVER_TESTS),
     Mutant("adam-betas", "recovery's Adam betas (0.9, 0.999) instead of (0.5, 0.9)", "fadrm/stages/recover.py",
-           "betas=(0.5, 0.9)", "betas=(0.9, 0.999)", RECOVER_TESTS),
+           "torch.optim.Adam([x], lr=rc.lr, betas=(0.5, 0.9))", "torch.optim.Adam([x], lr=rc.lr, betas=(0.9, 0.999))",
+           RECOVER_TESTS),
     Mutant("adam-shared", "one Adam for all stages instead of a fresh one per stage", "fadrm/stages/recover.py",
            "    for k, (res, iters) in enumerate(schedule):\n        optimizer = torch.optim.Adam([x], lr=rc.lr, betas=(0.5, 0.9))\n",
            "    optimizer = torch.optim.Adam([x], lr=rc.lr, betas=(0.5, 0.9))\n    for k, (res, iters) in enumerate(schedule):\n"
@@ -91,7 +92,7 @@ MUTANTS = [
     Mutant("replay-crop-box", "crop box read as (left, top) instead of (top, left)", "fadrm/augment.py",
            "torch.from_numpy(views.box[pos]), out", "torch.from_numpy(views.box[pos][:, [1, 0, 3, 2]]), out", REPLAY_TESTS),
     Mutant("stored-epoch-off", "stored labels returned for the wrong epoch", "fadrm/stages/relabel.py",
-           'return self.stored["logits"][epoch % self.epochs]', 'return self.stored["logits"][(epoch + 1) % self.epochs]',
+           "e, lo, hi = epoch % self.epochs,", "e, lo, hi = (epoch + 1) % self.epochs,",
            REPLAY_TESTS),
     Mutant("hard-labels", "evaluation trains on hard labels although soft ones were asked for", "fadrm/stages/evaluate.py",
            'if ev.labels == "soft":', "if False:", STUDENT_TESTS),

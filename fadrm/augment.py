@@ -123,11 +123,13 @@ def sample_views(
 
 
 def render_views(images: torch.Tensor, views: Views, positions: np.ndarray, out: int) -> torch.Tensor:
-    """Pixels of the views at ``positions`` (images: float N x 3 x H x W in [0, 1])."""
+    """Pixels in [0, 1] of the views at ``positions`` (images: N x 3 x H x W, uint8 or floats in [0, 1])."""
     positions = np.asarray(positions)
 
     def crop(pos: np.ndarray) -> torch.Tensor:
         src = images[torch.from_numpy(views.index[pos]).to(images.device)]
+        if not src.is_floating_point():  # the set stays uint8 on the device; only a batch becomes float
+            src = src.float().div_(255)
         return resized_crop(src, torch.from_numpy(views.box[pos]), out, torch.from_numpy(views.flip[pos]))
 
     base = crop(positions)

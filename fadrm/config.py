@@ -30,6 +30,17 @@ Method = Literal["fadrm", "fadrm+", "sre2l", "rded", "random"]
 Pair = tuple[float, float]
 
 
+def _crop_scale(value: Pair) -> Pair:
+    low, high = value
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"a crop scale is (smallest, largest) share of the image with 0 < smallest <= largest <= 1, "
+                         f"got ({low}, {high})")
+    return value
+
+
+CropScale = Annotated[Pair, AfterValidator(_crop_scale)]
+
+
 def _registered_arch(value: str) -> str:
     from fadrm.models import check_arch  # the registry needs torch; config loading should not wait for it
 
@@ -51,9 +62,14 @@ class DataConfig(Section):
 
     source: Literal["builtin", "imagefolder", "tar", "torchvision"] = "builtin"
     path: str | None = Field(None, description="ImageFolder root, archive, or torchvision root")
-    name: str = Field("cifar10", description="dataset facts key (fadrm.data.facts) or a free name")
+    name: str | None = Field(
+        None, description="dataset facts key (fadrm.data.facts) or a free name; None: cifar10 for builtin, "
+        "else the folder or archive name"
+    )
     test_split: Literal["auto", "val", "test"] = "auto"
-    resolution: int | None = Field(None, ge=8, description="image side; None: from the facts table")
+    resolution: int | None = Field(
+        None, ge=8, description="image side; None: builtin/torchvision from the facts table, else the images' own size"
+    )
     cache: Literal["auto", "on", "off"] = Field("auto", description="uint8 cache; auto: <= 64 px")
     download: bool = Field(False, description="torchvision source: download when not present")
     workers: int = Field(0, ge=0, description="DataLoader workers for file-backed datasets")
@@ -107,8 +123,11 @@ class SelectConfig(Section):
     candidates: int = Field(300, ge=1, description="real images drawn per class")
     crops_per_image: int = Field(5, ge=1)
     factor: int | None = Field(None, ge=1, description="patches per side; None: 2 at >=128 px, else 1")
-    crop_scale: Pair = (0.08, 1.0)
+    crop_scale: CropScale = (0.08, 1.0)
     batch_size: int = Field(500, ge=1, description="crops scored per teacher forward")
+    anchor_pool: int = Field(
+        20, ge=0, description="next-best real patches kept per class as residual anchors (recover.anchor: nearest)"
+    )
 
 
 class RecoverConfig(Section):
@@ -120,12 +139,16 @@ class RecoverConfig(Section):
     iterations: int = Field(100, ge=0, description="per stage, when schedule is None (paper: 500)")
     lr: float = Field(0.05, gt=0, description="paper: 0.25; 0.05 keeps the real patch at 32 px (FADRM.md)")
     alpha: float = Field(0.5, ge=0, le=1, description="residual merge weight of the optimised image")
+    anchor: Literal["init", "nearest"] = Field(
+        "init", description="what a merge pulls towards: the image's own real patch (FADRM), or the real patch of its "
+        "class nearest to it at that stage (re-chosen anchors, as RETA)"
+    )
     ce_weight: float = Field(1.0, ge=0)
     bn_weight: float = Field(0.01, ge=0, description="lambda_bn")
     first_bn_weight: float = Field(10.0, ge=0, description="w_1, the first BN layer's weight")
     batch_size: int = Field(100, ge=1)
     jitter: int | None = Field(None, ge=0, description="circular shift; None: 4 below 128 px, else 32")
-    crop_scale: Pair | None = Field(
+    crop_scale: CropScale | None = Field(
         None, description="random-resized-crop scale of the views; None: (0.5, 1) up to 64 px, else (0.08, 1)"
     )
     precision: Precision = "auto"
@@ -149,9 +172,15 @@ class RelabelConfig(Section):
 
     mode: Literal["stored", "online"] = "stored"
     epochs: int = Field(200, ge=1, description="epochs of views (evaluation cycles through them)")
-    batch_size: int = Field(100, ge=1, description="views rendered (and CutMix-ed) together")
-    crop_scale: Pair = (0.08, 1.0)
+    batch_size: int = Field(
+        10, ge=1, description="views CutMix-ed together (one box per group): best equal to evaluate.batch_size"
+    )
+    crop_scale: CropScale | None = Field(None, description="views' random-resized-crop scale; None: (0.25, 1) up to 64 px, "
+                                    "else (0.08, 1)")
     cutmix: bool = True
+    top_k: int | None = Field(
+        None, ge=1, description="stored mode: keep the k largest logits per view (+ one fill value); None: all, fp16"
+    )
     precision: Precision = "auto"
 
 
@@ -160,7 +189,7 @@ class EvaluateConfig(Section):
 
     student: ArchName = "convnet"
     epochs: int = Field(200, ge=1)
-    batch_size: int = Field(50, ge=1, description="micro-batch")
+    batch_size: int = Field(10, ge=1, description="micro-batch (small batches: more steps on few images)")
     accumulate: int = Field(1, ge=1, description="micro-batches per optimiser step")
     lr: float = Field(0.001, gt=0)
     weight_decay: float = Field(0.01, ge=0)
@@ -216,6 +245,9 @@ class Config(Section):
         source, path = self.data.source, self.data.path
         if source in ("imagefolder", "tar") and not path:
             raise ValueError(f"data.path is required when data.source is '{source}'")
+        if source == "torchvision" and self.data.name not in ("cifar10", "cifar100"):
+            raise ValueError(f"data.name must be cifar10 or cifar100 when data.source is 'torchvision' "
+                             f"(got {self.data.name!r})")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -225,17 +257,37 @@ class Config(Section):
         full = self.to_dict()
         return {name: full[name] for name in names}
 
+    def values(self, keys: tuple[str, ...]) -> dict[str, Any]:
+        """``{'data.source': 'builtin', 'squeeze': {...}, ...}``: the value of each dotted key."""
+        full = self.to_dict()
+        out = {}
+        for key in keys:
+            node: Any = full
+            for part in key.split("."):
+                node = node[part]
+            out[key] = node
+        return out
 
-# Sections each stage reads. The stage fingerprint, the per-stage resolved config and the
-# `params:` lists of dvc.yaml all come from this one table (a test keeps dvc.yaml in sync).
+
+# The params each stage reads, as dotted keys (a section name stands for every key in it). The
+# stage fingerprint, the per-stage resolved config and the `params:` lists of dvc.yaml all come
+# from this one table (`fadrm dvc-yaml` writes them; a test fails when they drift). `preset` is
+# listed because DVC cannot see what a preset named in params.yaml sets.
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    "prepare": ("preset", "data"),
+    "prepare": ("preset", "data.source", "data.path", "data.name", "data.test_split", "data.resolution",
+                "data.cache", "data.download", "data.train_per_class", "data.test_per_class"),
     "squeeze": ("preset", "seed", "squeeze"),
     "select": ("preset", "seed", "method", "ipc", "select"),
     "recover": ("preset", "seed", "method", "recover"),
     "relabel": ("preset", "seed", "relabel"),
     "evaluate": ("preset", "seed", "evaluate"),
 }
+
+# Keys no stage output depends on: where and how fast things run, and what is logged where.
+# `device` is here on purpose: CPU and GPU give outputs that differ only in rounding, and a
+# stage record names the device it ran on. Every key of the config is in exactly one of
+# STAGE_PARAMS or OPERATIONAL_PARAMS (a test checks it, so a new key needs a decision).
+OPERATIONAL_PARAMS: tuple[str, ...] = ("device", "out_dir", "data.workers", "tracking", "regression")
 
 
 def fingerprint(payload: Any) -> str:

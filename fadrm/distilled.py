@@ -17,6 +17,7 @@ from fadrm.io import load_rgb, read_json, save_png, write_json
 from fadrm.visualize import class_grid
 
 MANIFEST = "manifest.json"
+ANCHORS = "anchors.safetensors"  # select's classes x pool x 3 x H x W uint8 real patches a merge may pull towards
 
 
 def image_file(label: int, k: int) -> str:

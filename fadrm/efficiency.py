@@ -46,6 +46,7 @@ class StageMeter:
     def __enter__(self) -> StageMeter:
         self._peak = rss_bytes()
         if self.device.type == "cuda":
+            torch.cuda.init()  # the memory statistics refuse a device whose CUDA context does not exist yet
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             self._thread = threading.Thread(target=self._sample, daemon=True)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fadrm.device import autocast
+from fadrm.errors import DivergenceError
 
 
 def seed_everything(seed: int) -> None:
@@ -39,15 +40,23 @@ def warmup_cosine(step: int, total: int, warmup: int = 0, final_fraction: float 
 
 @torch.no_grad()
 def accuracy(
-    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], precision: str = "fp32"
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], precision: str = "fp32",
+    who: str | None = None,
 ) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (fractions) of ``model`` over ``batches``."""
+    """Top-1 and top-5 accuracy (fractions) of ``model`` over ``batches``.
+
+    With ``who`` (e.g. ``"squeeze 0-convnet"``), outputs that are not finite raise a
+    :class:`DivergenceError` naming it instead of counting as predictions of class 0.
+    """
     was_training = model.training
     model.eval()
     correct1 = correct5 = total = 0
     for x, y in batches:
         with autocast(x.device, precision):
             logits = model(x)
+        if who is not None and not torch.isfinite(logits).all():
+            raise DivergenceError(f"{who}: the trained model's outputs on the test split are not finite; "
+                                  "its training diverged")
         top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
         hits = top.eq(y.view(-1, 1))
         correct1 += int(hits[:, 0].sum())
@@ -55,6 +64,18 @@ def accuracy(
         total += len(y)
     model.train(was_training)
     return correct1 / max(total, 1), correct5 / max(total, 1)
+
+
+def accumulation_weights(sizes: list[int], accumulate: int) -> list[float]:
+    """Loss weight of each micro-batch (of ``sizes`` samples) when ``accumulate`` micro-batches make
+    one optimiser step: its share of the samples of its step. Each step's gradient is then the
+    mean over the samples it saw — also for the last, partial group (a group of 1 micro-batch
+    weighs 1, not 1/accumulate) and for a smaller last micro-batch."""
+    weights = []
+    for start in range(0, len(sizes), accumulate):
+        group = sizes[start : start + accumulate]
+        weights += [size / sum(group) for size in group]
+    return weights
 
 
 def to_channels_last(model: nn.Module, enabled: bool) -> nn.Module:

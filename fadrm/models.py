@@ -121,6 +121,48 @@ def _timm(name: str):
     return build
 
 
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """He et al.'s CIFAR ResNet (6n+2 layers, 16/32/64 channels): ResNet-20 is ~0.27 M parameters and
+    41 M multiply-adds at 32 px, a second teacher architecture a CPU can train (FADRM+)."""
+
+    def __init__(self, num_classes: int, blocks: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+        layers, cin = [], 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(blocks):
+                layers.append(_BasicBlock(cin, cout, stride if i == 0 else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1))
+
+
+def _cifar_resnet(blocks: int):
+    def build(num_classes: int, pretrained: bool) -> nn.Module:
+        if pretrained:
+            raise ConfigError("the CIFAR ResNets have no pretrained weights; train one or give a weights file")
+        return CifarResNet(num_classes, blocks)
+
+    return build
+
+
 def _small_conv(conv: nn.Conv2d) -> nn.Conv2d:
     """A 3x3 stride-1 replacement with the same channels."""
     return nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=conv.bias is not None)
@@ -158,6 +200,7 @@ def _shufflenet_stem(model: nn.Module) -> None:
 register("convnet", _convnet(64, 3), source="fadrm")
 register("convnet_w128", _convnet(128, 3), source="fadrm")
 register("convnet_d4", _convnet(64, 4), source="fadrm")
+register("resnet20", _cifar_resnet(3), source="fadrm")
 register("resnet18", _timm("resnet18"), _resnet_stem)
 register("resnet50", _timm("resnet50"), _resnet_stem)
 register("resnet101", _timm("resnet101"), _resnet_stem)

@@ -99,8 +99,11 @@ def _canonical(value: Any) -> str:
 def read_baseline(path: Path) -> dict[str, Any]:
     if not Path(path).is_file():
         raise ConfigError(f"baseline file not found: {path} (create one with `fadrm check --update-baseline`)")
-    data = read_json(path)
-    if "metrics" not in data:
+    try:
+        data = read_json(path)
+    except ValueError as exc:
+        raise ConfigError(f"baseline file {path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or "metrics" not in data:
         raise ConfigError(f"{path} is not a baseline file (no 'metrics')")
     return data
 

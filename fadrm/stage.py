@@ -1,25 +1,17 @@
-"""What every stage shares: where outputs live, what each needs, how a run is recorded.
-
-Layout under ``out_dir`` (each stage folder is one DVC output)::
-
-    prepare/ squeeze/ select/ recover/ relabel/ evaluate/    stage outputs
-    metrics/<stage>.json                                      per-stage figures
-    plots/<name>.json                                         curves (data; the PNGs are in the stage folders)
-    metrics.json                                              the run summary, every figure
-    headline.json                                             what `dvc metrics show` shows (see HEADLINE)
-    efficiency.png                                            seconds per stage
+"""What every stage shares: its lock, its lineage record, its cost, its atomic output.
 
 A stage function opens :func:`stage_run`, writes into ``run.dir`` (a temporary folder) and
-fills ``run.metrics``; on success the folder is renamed into place with ``stage.json``
-(fingerprint, params) and the figures are written and reported to the tracker. On failure
-nothing half-written is left where the output belongs.
+fills ``run.metrics``. :func:`stage_run` first refuses missing or damaged inputs, takes the
+output folder's writer lock (:mod:`fadrm.lock`), and on success writes ``stage.json`` — the
+fingerprint of the params, code, input outputs and outside files that made the output
+(:mod:`fadrm.lineage`), plus a manifest of every file with its hash — renames the folder
+into place and reports the figures to the tracker. On failure nothing half-written is left
+where the output belongs. Layout and the stage graph live in :mod:`fadrm.layout`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,108 +20,55 @@ from typing import Any
 import torch
 
 from fadrm import __version__, distributed
-from fadrm.config import STAGE_PARAMS, Config, dump_yaml, fingerprint
+from fadrm.config import STAGE_PARAMS, Config, dump_yaml
 from fadrm.device import resolve_device
 from fadrm.efficiency import StageMeter
-from fadrm.errors import MissingInputError
-from fadrm.io import STAGE_RECORD, atomic_dir, read_json, write_json
+from fadrm.errors import storage_errors
+from fadrm.io import STAGE_RECORD, HashCache, atomic_dir, read_json, write_json
+from fadrm.layout import STAGE_INPUTS, STAGE_ORDER, Layout
+from fadrm.lineage import Lineage, manifest_digest, manifest_of
+from fadrm.lock import hold
 from fadrm.tracker import NULL_TRACKER, Tracker, flatten
 from fadrm.visualize import bar_plot
 
-STAGE_ORDER = ("prepare", "squeeze", "select", "recover", "relabel", "evaluate")
-
-# Which earlier stages' outputs each stage reads.
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "prepare": (),
-    "squeeze": ("prepare",),
-    "select": ("prepare", "squeeze"),
-    "recover": ("prepare", "squeeze", "select"),
-    "relabel": ("prepare", "squeeze", "recover"),
-    "evaluate": ("prepare", "squeeze", "recover", "relabel"),
-}
+__all__ = [
+    "STAGE_INPUTS", "STAGE_ORDER", "Layout", "StageRun", "is_current", "require", "stage_fingerprint", "stage_run",
+    "summarize",
+]
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Paths of a pipeline's outputs under one root folder."""
-
-    root: Path
-
-    @classmethod
-    def of(cls, cfg: Config) -> Layout:
-        return cls(Path(cfg.out_dir))
-
-    def stage(self, name: str) -> Path:
-        return self.root / name
-
-    def metrics(self, name: str) -> Path:
-        return self.root / "metrics" / f"{name}.json"
-
-    def plot(self, name: str) -> Path:
-        return self.root / "plots" / f"{name}.json"
-
-    @property
-    def summary(self) -> Path:
-        return self.root / "metrics.json"
-
-    @property
-    def headline(self) -> Path:
-        return self.root / "headline.json"
-
-    def partial(self, name: str) -> Path:
-        """Where a long stage keeps finished pieces of work so that a rerun resumes."""
-        return self.root / f".{name}.partial"
+def is_current(name: str, cfg: Config, layout: Layout | None = None) -> bool:
+    """True when the stage's output is whole and was made from today's params, code and inputs,
+    and every stage it reads from is current too (see :class:`fadrm.lineage.Lineage`)."""
+    return Lineage(cfg, layout).is_current(name)
 
 
-def stage_record(layout: Layout, name: str) -> dict[str, Any] | None:
-    path = layout.stage(name) / STAGE_RECORD
-    return read_json(path) if path.is_file() else None
+def stale_reason(name: str, cfg: Config, layout: Layout | None = None) -> str | None:
+    """None when current, else what changed (``"params changed: recover.lr (0.05 -> 0.1)"``)."""
+    return Lineage(cfg, layout).stale_reason(name)
 
 
-def require(layout: Layout, stage: str, needed_by: str) -> dict[str, Any]:
-    record = stage_record(layout, stage)
-    if record is None:
-        raise MissingInputError(
-            f"'{needed_by}' needs the output of '{stage}' in {layout.stage(stage)}, which is missing; "
-            f"run `fadrm {stage}` first (or `fadrm run` for the whole pipeline)"
-        )
-    return record
+def require(cfg: Config, layout: Layout, name: str) -> dict[str, str]:
+    """The digests of the outputs stage ``name`` reads; a clear error when one is missing or damaged."""
+    return Lineage(cfg, layout).input_digests(name)
 
 
-@functools.cache
-def code_hash() -> str:
-    """Hash of the package's source, so that changed code makes earlier outputs stale."""
-    root = Path(__file__).parent
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+def stage_fingerprint(name: str, cfg: Config, layout: Layout | None = None) -> str:
+    """The fingerprint the record of ``name``'s output made now would carry (names resumable work)."""
+    lineage = Lineage(cfg, layout)
+    return lineage.expected(name, lineage.input_digests(name), lineage.sources(name))["fingerprint"]
 
 
-def input_fingerprints(name: str, layout: Layout) -> dict[str, str]:
-    """The fingerprints of the stages ``name`` reads (a clear error if one is missing)."""
-    return {dep: require(layout, dep, name)["fingerprint"] for dep in STAGE_INPUTS[name]}
-
-
-def stage_fingerprint(name: str, cfg: Config, layout: Layout, inputs: dict[str, str] | None = None) -> str:
-    """Hash of what determines a stage's output: params, inputs' fingerprints, the code."""
-    inputs = input_fingerprints(name, layout) if inputs is None else inputs
-    return fingerprint(
-        {"stage": name, "params": cfg.sections(STAGE_PARAMS[name]), "inputs": inputs, "code": code_hash()}
-    )
-
-
-def is_current(name: str, cfg: Config, layout: Layout) -> bool:
-    """True when the stage's output exists and was made from the same params, code and inputs,
-    and every stage it reads from is current too."""
-    record = stage_record(layout, name)
-    if record is None or not all(is_current(dep, cfg, layout) for dep in STAGE_INPUTS[name]):
-        return False
-    try:
-        return record["fingerprint"] == stage_fingerprint(name, cfg, layout)
-    except MissingInputError:
-        return False
+def nested(values: dict[str, Any]) -> dict[str, Any]:
+    """``{'data.source': 'tar'}`` -> ``{'data': {'source': 'tar'}}`` (the config as written in YAML)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        node = out
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
 
 
 @dataclass
@@ -142,9 +81,11 @@ class StageRun:
     dir: Path
     device: torch.device
     tracker: Tracker
+    fingerprint: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     plots: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     artifacts: list[str] = field(default_factory=list)  # files in the output folder to log
+    resumed_seconds: float = 0.0  # time spent before an interruption on work this run resumed
 
     def input(self, stage: str) -> Path:
         return self.layout.stage(stage)
@@ -152,32 +93,51 @@ class StageRun:
 
 @contextlib.contextmanager
 def stage_run(name: str, cfg: Config, tracker: Tracker = NULL_TRACKER) -> Iterator[StageRun]:
-    """Run a stage body with its inputs checked, its cost measured and its output atomic."""
+    """Run a stage body with its inputs checked, its folder locked, its cost measured and its
+    output atomic and recorded."""
     layout = Layout.of(cfg)
-    inputs = input_fingerprints(name, layout)
-    fp = stage_fingerprint(name, cfg, layout, inputs)
-    params = cfg.sections(STAGE_PARAMS[name])
-    device = resolve_device(cfg.device)
-    tracker.log_params(flatten(params))
-    meter = StageMeter(device)
-    distributed.init(device)
-    with atomic_dir(layout.stage(name), publish=distributed.is_main()) as tmp:
-        run = StageRun(name, cfg, layout, tmp, device, tracker)
-        with meter:
-            yield run
-        record = {"stage": name, "fingerprint": fp, "inputs": inputs, "params": params, "fadrm": __version__}
-        write_json(tmp / STAGE_RECORD, record)
-        (tmp / "config.yaml").write_text(dump_yaml(params))
-    if not distributed.is_main():
-        return
-    run.metrics.update(seconds=round(meter.seconds, 3), peak_mem_mb=round(meter.peak_mb, 1))
-    if "flops" in run.metrics and meter.seconds > 0:
-        run.metrics["flops_per_s"] = run.metrics["flops"] / meter.seconds
-    write_json(layout.metrics(name), run.metrics)
-    for plot, rows in run.plots.items():
-        write_json(layout.plot(plot), rows)
+    Lineage(cfg, layout).input_digests(name)  # refuse missing/damaged inputs before creating anything
+    main = distributed.is_main()  # torchrun helpers share rank 0's lock and publish nothing
+    with storage_errors(name, layout.root), (hold(layout) if main else contextlib.nullcontext()):
+        cache = HashCache(layout.hash_cache if main else None)
+        lineage = Lineage(cfg, layout, cache)
+        inputs = lineage.input_digests(name)
+        try:
+            sources: dict[str, str] | None = lineage.sources(name)
+        except Exception:  # noqa: BLE001 - e.g. a dataset still to be downloaded: the body says what is wrong
+            sources = None
+        planned = lineage.expected(name, inputs, sources) if sources is not None else None
+        params = nested(cfg.values(STAGE_PARAMS[name]))
+        device = resolve_device(cfg.device)
+        tracker.log_params(flatten(params))
+        meter = StageMeter(device)
+        distributed.init(device)
+        with atomic_dir(layout.stage(name), publish=main) as tmp:
+            run = StageRun(name, cfg, layout, tmp, device, tracker, fingerprint=planned["fingerprint"] if planned else "")
+            with meter:
+                yield run
+            if main:
+                record = planned or lineage.expected(name, inputs, lineage.sources(name))
+                (tmp / "config.yaml").write_text(dump_yaml(params))
+                files = manifest_of(tmp, HashCache(None))
+                record = {"stage": name, **record, "files": files, "digest": manifest_digest(files),
+                          "device": device.type, "fadrm": __version__}
+                write_json(tmp / STAGE_RECORD, record)
+        if not main:
+            return
+        final = layout.stage(name)
+        for rel, (_, digest) in files.items():
+            cache.remember(final / rel, digest)
+        cache.close()
+        run.metrics.update(seconds=round(meter.seconds + run.resumed_seconds, 3), peak_mem_mb=round(meter.peak_mb, 1))
+        if run.resumed_seconds:
+            run.metrics["resumed_seconds"] = round(run.resumed_seconds, 3)
+        if "flops" in run.metrics and run.metrics["seconds"] > 0:
+            run.metrics["flops_per_s"] = run.metrics["flops"] / run.metrics["seconds"]
+        write_json(layout.metrics(name), run.metrics)
+        for plot, rows in run.plots.items():
+            write_json(layout.plot(plot), rows)
     tracker.log_metrics({k: v for k, v in flatten(run.metrics).items() if _is_number(v)})
-    final = layout.stage(name)
     for rel in run.artifacts + ["config.yaml"]:
         tracker.log_artifact(final / rel)
     tracker.log_artifact(layout.metrics(name))

@@ -11,7 +11,9 @@ One *parent* run per pipeline run, one *child* run per stage. Where the parent c
 The parent gets the resolved config (flattened params and ``config.yaml``), the lineage
 (dataset input with its content hash, git commit, ``dvc.lock`` hash, teachers' sha256,
 the synthetic images' source patches) and the run summary. A stage that raises leaves its
-child run, and the parent, FAILED with the error.
+child run, and the parent, FAILED with the error. A process that is killed cannot say so:
+every run records the host and process that owns it, and the next ``open_tracker`` on that
+host marks the RUNNING runs of processes that no longer exist KILLED.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from fadrm import distributed
 from fadrm.config import Config, dump_yaml, fingerprint
 from fadrm.errors import TrackingError
 from fadrm.io import read_json, sha256_file
+from fadrm.lock import process_alive, process_token
 from fadrm.stage import Layout
 from fadrm.tracker import NULL_TRACKER, Tracker, flatten
 
@@ -42,6 +45,42 @@ STAGE_TAG = "fadrm.stage"
 KIND_TAG = "fadrm.kind"
 MAX_PARAM = 6000  # MLflow's limit on a param value
 SHORT_ID = 7  # characters of a run id in run names and tables
+
+HOST_TAG, PID_TAG, TOKEN_TAG = "fadrm.host", "fadrm.pid", "fadrm.pid_token"
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process owns a run (so that a later run can tell whether it died)."""
+    import socket
+
+    pid = os.getpid()
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), TOKEN_TAG: str(process_token(pid))}
+
+
+def close_dead_runs(client, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this host whose process no longer exists; return their ids."""
+    import socket
+
+    closed = []
+    host = socket.gethostname().replace("'", "")
+    for run in client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+        max_results=1000,
+    ):
+        tags = run.data.tags
+        try:
+            pid = int(tags.get(PID_TAG, ""))
+        except ValueError:
+            continue
+        token = tags.get(TOKEN_TAG)
+        if process_alive(pid, None if token in (None, "None") else token):
+            continue
+        client.set_tag(run.info.run_id, "fadrm.error",
+                       f"process {pid} on {host} ended without closing this run (killed or crashed); "
+                       "marked KILLED by the next run")
+        client.set_terminated(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+    return closed
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -93,7 +132,7 @@ class MlflowTracker:
     def stage(self, name: str) -> Iterator[MlflowTracker]:
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-        tags = {MLFLOW_PARENT_RUN_ID: self.run_id, STAGE_TAG: name, KIND_TAG: "stage"}
+        tags = {MLFLOW_PARENT_RUN_ID: self.run_id, STAGE_TAG: name, KIND_TAG: "stage", **owner_tags()}
         commit = self.client.get_run(self.run_id).data.tags.get("mlflow.source.git.commit")
         if commit:
             tags["mlflow.source.git.commit"] = commit
@@ -187,6 +226,10 @@ def open_tracker(
             yield NULL_TRACKER
             return
         raise
+    try:
+        close_dead_runs(client, experiment_id)
+    except Exception as exc:  # noqa: BLE001 - housekeeping must not stop a run
+        print(f"warning: could not check for runs of killed processes: {exc}")  # noqa: T201
     parent_run_id = parent_run_id or (os.environ.get(PARENT_ENV) if stage else None)
     owns_parent = parent_run_id is None
     if owns_parent:
@@ -235,8 +278,11 @@ def _parent_for(client, experiment_id: str, cfg: Config, stage: str | None, run_
             )
             if not children:
                 client.update_run(run.info.run_id, status="RUNNING")
+                for tag, value in owner_tags().items():  # this process owns it now
+                    client.set_tag(run.info.run_id, tag, value)
                 return run.info.run_id
-    tags = {KEY_TAG: key, KIND_TAG: "pipeline", "fadrm.method": cfg.method, "fadrm.preset": str(cfg.preset)}
+    tags = {KEY_TAG: key, KIND_TAG: "pipeline", "fadrm.method": cfg.method, "fadrm.preset": str(cfg.preset),
+            **owner_tags()}
     if commit:
         tags["mlflow.source.git.commit"] = commit
     if Path("dvc.lock").is_file():

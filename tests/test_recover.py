@@ -264,3 +264,56 @@ def test_the_stage_hands_the_config_to_recover_batch(tiny_copy, monkeypatch):
     for schedule, rc, kw, first_weights in calls:
         assert schedule == ((24, 8), (32, 8)) and rc == cfg.recover
         assert kw["merges"] is True and kw["precision"] == "fp32" and first_weights == [7.0]
+
+
+# ----------------------------------------------------------------------------- re-chosen anchors
+
+
+def test_nearest_anchor_is_the_closest_candidate_at_the_current_resolution():
+    from fadrm.stages.recover import nearest_anchor
+
+    x = images(16)
+    far, near = torch.full((4, 3, 32, 32), 5.0), recover_module.resize(x, 32) + 0.01
+    anchors = torch.stack([far, near, -far], dim=1)
+    assert torch.equal(nearest_anchor(x, anchors), near)
+
+
+def test_a_merge_with_anchors_pulls_towards_the_nearest_one():
+    """alpha = 0: after the merge each image is exactly the candidate nearest to what stage 1 made."""
+    x_init = images()
+    first, _ = run(x_init, RecoverConfig(schedule=((32, 5),), lr=0.3))
+    decoy = first + 0.05 * torch.randn_like(first)  # a 'real patch' close to where recovery went
+    anchors = torch.stack([x_init, decoy, -decoy], dim=1)
+    bounds = (torch.full((1, 3, 1, 1), LOW), torch.full((1, 3, 1, 1), HIGH))
+    rc = RecoverConfig(schedule=((32, 5), (32, 0)), lr=0.3, alpha=0.0)
+    out, _ = recover_batch(x_init, LABELS, teachers(), rc.schedule, rc, merges=True, bounds=bounds, jitter_limit=3,
+                           crop_scale=(1.0, 1.0), precision="fp32", rng=np.random.default_rng(0), anchors=anchors)
+    assert torch.equal(out, decoy)
+
+
+def test_select_keeps_an_anchor_pool_and_recover_uses_it(tiny_copy):
+    from safetensors.torch import load_file
+
+    from fadrm.data.prepared import Prepared
+    from fadrm.distilled import load_set
+    from fadrm.stage import Layout
+    from fadrm.stages.select import select
+
+    from .conftest import tiny_config
+
+    cfg = tiny_config(tiny_copy.out_dir, "select.anchor_pool=5", "recover.anchor=nearest")
+    layout = Layout.of(cfg)
+    select(cfg)
+    pool = load_file(str(layout.stage("select") / "anchors.safetensors"))["pixels"]
+    assert pool.shape == (10, 5, 3, 32, 32) and pool.dtype == torch.uint8
+    init, labels, _ = load_set(layout.stage("select"))
+    data = Prepared(layout.stage("prepare"))
+    plan = recover_module.Recovery(cfg, layout, torch.device("cpu"), data, init, labels)
+    idx = np.array([0, 7, 13])
+    candidates = plan.batch_anchors(idx)
+    assert candidates.shape == (3, 6, 3, 32, 32)
+    for row, i in enumerate(idx):  # its own real patch first, then the pool of its own class
+        torch.testing.assert_close(candidates[row, 0], data.to_input(init[i : i + 1], torch.device("cpu"))[0])
+        torch.testing.assert_close(candidates[row, 1:], data.to_input(pool[labels[i]], torch.device("cpu")))
+    plan.close()
+    assert recover_module.recover(cfg)["images"] == len(init)

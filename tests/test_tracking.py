@@ -189,3 +189,29 @@ def test_compare_two_runs(tiny_copy, tmp_path, monkeypatch):
     assert result.exit_code == 0 and result.output.count("\n") > 3
     result = runner.invoke(app, ["compare", "no-such-run"])
     assert result.exit_code == 2 and "no MLflow run" in result.output
+
+
+def test_runs_of_a_killed_process_are_marked_killed_when_the_next_run_starts(tmp_path):
+    """A process killed mid-stage cannot close its MLflow runs; the next run on this host does."""
+    import signal
+
+    uri = _uri(tmp_path)
+    victim = (
+        "import os, signal\n"
+        "from fadrm.config import load_config\n"
+        "from fadrm.tracking import open_tracker\n"
+        f"cfg = load_config(None, 'tiny', ['tracking.uri={uri}', 'out_dir={tmp_path / 'out'}'])\n"
+        "with open_tracker(cfg) as tracker, tracker.stage('squeeze'):\n"
+        "    print('running', flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", victim], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL and "running" in killed.stdout
+    client, runs = _experiment_runs(uri)
+    assert sorted(r.info.status for r in runs) == ["RUNNING", "RUNNING"]  # parent and the squeeze child
+    cfg = load_config(None, "tiny", [f"tracking.uri={uri}", f"out_dir={tmp_path / 'out'}"])
+    with open_tracker(cfg):
+        _, runs = _experiment_runs(uri)
+        dead = [r for r in runs if r.info.status == "KILLED"]
+        assert len(dead) == 2 and all("ended without closing this run" in r.data.tags["fadrm.error"] for r in dead)
+        assert [r.info.status for r in runs if r not in dead] == ["RUNNING"]  # this run, alive, is left alone

@@ -12,7 +12,7 @@ Errors a user can cause print one clear message and exit with status 2, never a 
 
 from __future__ import annotations
 
-from fadrm.cli import compare, orchestrate, stages  # noqa: F401  (each registers its commands)
+from fadrm.cli import compare, lineage, orchestrate, stages  # noqa: F401  (each registers its commands)
 from fadrm.cli.app import app, main
 
 __all__ = ["app", "main"]

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from fadrm.config import Config, load_config
-from fadrm.errors import FadrmError
+from fadrm.errors import FadrmError, storage_problem
 
 app = typer.Typer(
     name="fadrm",
@@ -41,21 +43,52 @@ def config_from(params: Path, preset: str | None, overrides: list[str] | None) -
     return load_config(params, preset, overrides or [], params_required=params != DEFAULT_PARAMS)
 
 
+DEBUG_ENV = "FADRM_DEBUG"
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback behind an error message.")] = False,
+) -> None:
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "0") not in ("0", "", "false", "no")
+
+
 def guarded(func):
-    """Turn user-caused errors into one red line and exit status 2."""
+    """Turn every failure into one red line and a non-zero exit status, never a traceback
+    (``--debug`` shows it): user-caused errors (exit 2, or their own code), file-system failures
+    (exit 2), an interrupt (130), and anything unexpected (exit 3, reported as a bug)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort, typer.exceptions.TyperException, SystemExit):  # typer's own ways out
+            raise
         except FadrmError as exc:
-            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(exc.exit_code) from None
+            _fail(exc, f"error: {exc}", exc.exit_code)
         except KeyboardInterrupt:
             typer.secho("interrupted; finished work is kept and a rerun resumes", fg=typer.colors.YELLOW, err=True)
             raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+            problem = storage_problem(exc, func.__name__, Path.cwd())
+            if problem is not None:
+                _fail(exc, f"error: {problem}", problem.exit_code)
+            _fail(exc, f"error: unexpected {type(exc).__name__}: {exc} — this is a bug in fadrm; "
+                       "rerun with `fadrm --debug ...` for the traceback and report it", 3)
 
     return wrapper
+
+
+def _fail(exc: BaseException, message: str, code: int) -> None:
+    if debugging():
+        traceback.print_exception(exc)
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    raise typer.Exit(code) from None
 
 
 def echo(message: str) -> None:

@@ -8,6 +8,9 @@ stages in this process without Prefect.
 from __future__ import annotations
 
 import json
+import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +18,37 @@ import typer
 
 from fadrm.cli.app import DEFAULT_PARAMS, NoTrackOpt, ParamsOpt, PresetOpt, SetOpt, app, config_from, echo, guarded
 from fadrm.cli.stages import ForceOpt, announce, print_summary
+from fadrm.errors import FadrmError
+
+
+class PrefectUnreachable(FadrmError):
+    """PREFECT_API_URL names a server that does not answer."""
+
+
+def check_prefect_api(timeout: float = 5.0) -> None:
+    """Fail at once, before any work, when ``PREFECT_API_URL`` is set but its server does not answer."""
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        try:  # or set in the active Prefect profile
+            from prefect.settings import get_current_settings
+
+            url = get_current_settings().api.url
+        except Exception:  # noqa: BLE001 - no readable setting: Prefect's ephemeral mode
+            url = None
+    if not url:
+        return  # Prefect's ephemeral mode on this machine
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        problem = str(getattr(exc, "reason", exc))
+    raise PrefectUnreachable(
+        f"the Prefect server at PREFECT_API_URL={url} is unreachable ({problem}). Start it (`prefect server "
+        "start`), unset PREFECT_API_URL to use Prefect's ephemeral mode, or run without Prefect: --local"
+    )
+
 
 LocalOpt = Annotated[bool, typer.Option("--local", help="Run the stages in this process, without Prefect.")]
 
@@ -37,6 +71,7 @@ def run(
         summary = distill(params, preset, set_, track=not no_track, force=force, announce=announce)
         echo(f"DVC: {summary['dvc']}")
     else:
+        check_prefect_api()
         from flows.distill import distill_flow
 
         summary = distill_flow(str(params), preset, set_ or [], force=force, track=not no_track)
@@ -55,7 +90,13 @@ def check_command(
     no_track: NoTrackOpt = False,
 ) -> None:
     """Run the regression benchmark once; exit 1 if a metric dropped beyond its tolerance."""
+    from fadrm.tracking import load_baseline
+
     project = config_from(params, preset, set_)  # config errors surface here, before any work
+    if not update_baseline:
+        load_baseline(project, baseline or project.regression.baseline)  # missing or broken: fails now, not later
+    if not local and not update_baseline:
+        check_prefect_api()
     if update_baseline:
         _update_baseline(params, preset, set_ or [], baseline or project.regression.baseline, no_track)
         return
@@ -105,6 +146,7 @@ def deploy(
     from flows.deploy import deploy_distill
 
     config_from(params, preset, set_)  # refuse to deploy a configuration that would not validate
+    check_prefect_api()
     parameters = {"params": str(params), "preset": preset, "overrides": set_ or []}
     deployment_id = deploy_distill(pool, name, parameters, devices)
     echo(f"deployed fadrm-distill/{name} ({deployment_id}) to pool '{pool}'")
@@ -129,6 +171,7 @@ def schedule(
     from flows.deploy import deploy_regression
 
     config_from(params, preset, set_)
+    check_prefect_api()
     parameters = {"params": str(params), "preset": preset, "overrides": set_ or [], "baseline": baseline}
     deployment_id = deploy_regression(cron, pool, name, parameters, devices, timezone=timezone)
     echo(f"scheduled fadrm-regression/{name} ({deployment_id}) at '{cron}' ({timezone}) on pool '{pool}'")

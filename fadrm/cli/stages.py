@@ -8,15 +8,24 @@ import typer
 
 from fadrm.cli.app import DEFAULT_PARAMS, NoTrackOpt, ParamsOpt, PresetOpt, SetOpt, app, config_from, echo, guarded
 from fadrm.config import available_presets, dump_yaml, read_preset
-from fadrm.pipeline import STAGES, summary_table
+from fadrm.pipeline import SHARDED, STAGES, summary_table
 from fadrm.stage import STAGE_ORDER
 
 
-def run_stage(name: str, params, preset, overrides, no_track: bool) -> dict:
-    """One stage, as the CLI and every DVC stage run it: config, tracking, the stage function."""
+def run_stage(name: str, params, preset, overrides, no_track: bool, shard: str | None = None) -> dict:
+    """One stage, as the CLI and every DVC stage run it: config, tracking, the stage function.
+
+    With ``shard`` ('i/N'), only that shard's units of work are done and nothing is published;
+    the stage without ``--shard`` then assembles them (see fadrm.shards)."""
     from fadrm.tracking import open_tracker
 
     cfg = config_from(params, preset, overrides)
+    if shard is not None:
+        from fadrm.shards import Shard
+
+        metrics = SHARDED[name](cfg, Shard.parse(shard))
+        echo(f"{name} shard: " + ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+        return metrics
     with open_tracker(cfg, stage=name, enabled=not no_track) as tracker, tracker.stage(name) as stage_tracker:
         metrics = STAGES[name](cfg, stage_tracker)
     shown = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
@@ -38,15 +47,36 @@ STAGE_HELP = {
 }
 
 
+ShardOpt = Annotated[
+    str | None,
+    typer.Option("--shard", metavar="I/N", help="Do only shard I of N of the work (0 <= I < N) and publish nothing; "
+                 "the stage without --shard assembles the shards."),
+]
+
+
 def _register(name: str) -> None:
-    @guarded
-    def command(
-        params: ParamsOpt = DEFAULT_PARAMS,
-        set_: SetOpt = None,
-        preset: PresetOpt = None,
-        no_track: NoTrackOpt = False,
-    ) -> None:
-        run_stage(name, params, preset, set_, no_track)
+    if name in SHARDED:
+
+        @guarded
+        def command(
+            params: ParamsOpt = DEFAULT_PARAMS,
+            set_: SetOpt = None,
+            preset: PresetOpt = None,
+            no_track: NoTrackOpt = False,
+            shard: ShardOpt = None,
+        ) -> None:
+            run_stage(name, params, preset, set_, no_track, shard)
+
+    else:
+
+        @guarded
+        def command(
+            params: ParamsOpt = DEFAULT_PARAMS,
+            set_: SetOpt = None,
+            preset: PresetOpt = None,
+            no_track: NoTrackOpt = False,
+        ) -> None:
+            run_stage(name, params, preset, set_, no_track)
 
     command.__doc__ = STAGE_HELP[name]
     app.command(name=name, help=STAGE_HELP[name])(command)

@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from fadrm.data.images import to_rgb
 from fadrm.errors import DataError
 from fadrm.io import read_json
 
@@ -26,8 +27,9 @@ FILES = "files.tsv"
 
 
 def fit_image(img: Image.Image, resolution: int) -> Image.Image:
-    """Resize the shorter side to ``resolution`` and centre-crop a square (no-op when it fits)."""
-    img = img.convert("RGB")
+    """8-bit RGB by the rules of :mod:`fadrm.data.images`, the shorter side resized to
+    ``resolution`` and a centred square cropped (no-op when it fits)."""
+    img, _ = to_rgb(img)
     if img.size == (resolution, resolution):
         return img
     w, h = img.size
@@ -59,7 +61,10 @@ class Split:
         if self.images is not None:
             batch = torch.from_numpy(np.ascontiguousarray(self.images[np.asarray(indices)]))
         else:
-            arrays = [np.asarray(fit_image(Image.open(self.root / self.sources[i]), resolution)) for i in indices]
+            arrays = []
+            for i in indices:
+                with Image.open(self.root / self.sources[i]) as img:
+                    arrays.append(np.asarray(fit_image(img, resolution)))
             batch = torch.from_numpy(np.stack(arrays))
         return batch.permute(0, 3, 1, 2).contiguous()
 
@@ -170,7 +175,7 @@ class _FileDataset(Dataset):
         path = self.split.root / self.split.sources[i]
         try:
             with Image.open(path) as img:
-                tensor = v2.functional.pil_to_tensor(img.convert("RGB"))
+                tensor = v2.functional.pil_to_tensor(to_rgb(img)[0])
         except OSError as exc:
             raise DataError(f"cannot read image {path}: {exc}") from None
         return self.transform(tensor), int(self.split.labels[i])

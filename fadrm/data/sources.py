@@ -11,8 +11,11 @@ offending folder, class or file for every problem a user can cause.
 
 from __future__ import annotations
 
+import gzip
+import lzma
 import os
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path, PurePosixPath
@@ -96,6 +99,14 @@ def safe_extract(archive: Path, dest: Path) -> None:
             tf.extractall(dest, members=members, filter="data")
     except tarfile.TarError as exc:
         raise DataError(f"{archive}: not a readable tar archive ({exc})") from None
+    except (EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as exc:
+        # a truncated or corrupted compressed stream (a download cut short)
+        raise DataError(f"{archive}: the archive is truncated or corrupted ({type(exc).__name__}: {exc}); "
+                        "download or copy it again") from None
+    except OSError as exc:
+        if exc.errno is not None:
+            raise  # a file-system failure while extracting (full disk, permissions): reported as such
+        raise DataError(f"{archive}: the archive is truncated or corrupted ({exc}); download or copy it again") from None
 
 
 def find_root(base: Path) -> Path:
@@ -172,6 +183,15 @@ def scan(root: Path, test_choice: str = "auto") -> tuple[list[str], dict[str, Sp
 
 
 TORCHVISION_SETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+TORCHVISION_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+def torchvision_files(name: str, root: Path) -> dict[str, Path]:
+    """The files of a local torchvision copy (what prepare reads), by path relative to ``root``."""
+    folder = Path(root) / TORCHVISION_FOLDERS.get(name, name)
+    if not folder.is_dir():
+        raise DataError(f"{name} not found under {root}")
+    return {p.relative_to(root).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def torchvision_arrays(name: str, root: Path, download: bool) -> tuple[list[str], dict[str, ArraySplit]]:

@@ -21,10 +21,12 @@ import math
 import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from fadrm import distributed
@@ -32,15 +34,17 @@ from fadrm.augment import recovery_view
 from fadrm.config import Config, RecoverConfig
 from fadrm.data.facts import default_jitter, default_recover_crop_scale, default_schedule
 from fadrm.data.prepared import Prepared
-from fadrm.device import autocast, grad_scaler, resolve_precision
-from fadrm.distilled import grid_by_class, load_set, save_set, to_uint8
+from fadrm.device import autocast, grad_scaler, resolve_device, resolve_precision
+from fadrm.distilled import ANCHORS, grid_by_class, load_set, save_set, to_uint8
 from fadrm.efficiency import count_flops
-from fadrm.errors import ConfigError, DivergenceError
+from fadrm.errors import ConfigError, DivergenceError, MissingInputError
 from fadrm.losses import BNStatsLoss
 from fadrm.methods import METHODS, MethodSpec
-from fadrm.models import has_batchnorm
+from fadrm.models import create_model, has_batchnorm
+from fadrm.numerics import SATURATED, SATURATED_RISE, StepGuard, saturated_share
 from fadrm.progress import bar
-from fadrm.stage import StageRun, stage_fingerprint, stage_run
+from fadrm.shards import Shard
+from fadrm.stage import Layout, require, stage_fingerprint, stage_run
 from fadrm.teachers import load_teachers
 from fadrm.tracker import NULL_TRACKER, Tracker
 from fadrm.visualize import Axis, line_plot
@@ -48,14 +52,41 @@ from fadrm.visualize import Axis, line_plot
 Schedule = tuple[tuple[int, int], ...]
 
 
+def preflight(cfg: Config, facts) -> None:
+    """The schedule fits the dataset's resolution (when known), and every teacher has a loss."""
+    spec = METHODS[cfg.method]
+    if not spec.recover:
+        return
+    if facts is not None and facts.resolution is not None:
+        resolve_schedule(cfg.recover, facts.resolution, spec)
+    if cfg.recover.ce_weight == 0:
+        teachers = cfg.squeeze.teachers if spec.all_teachers else cfg.squeeze.teachers[:1]
+        resolution = facts.resolution if facts is not None and facts.resolution else 32
+        for i, teacher in enumerate(teachers):
+            if not has_batchnorm(create_model(teacher.arch, 2, resolution)):
+                raise ConfigError(
+                    f"teacher '{i}-{teacher.arch}' has no BatchNorm layers, and with recover.ce_weight=0 BN matching "
+                    "is its only loss; set ce_weight > 0 or drop that teacher"
+                )
+
+
 def recover(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
-    """Optimise the initial images (or pass them through, for rded/random)."""
+    """Optimise the initial images (or pass them through, for rded/random) and publish them.
+
+    Batches already finished by ``recover_shard`` (or an interrupted run) are reused; under
+    ``torchrun`` every rank recovers its share of the batches and rank 0 publishes.
+    """
     spec = METHODS[cfg.method]
     with stage_run("recover", cfg, tracker) as run:
         data = Prepared(run.input("prepare"))
         init, labels, init_manifest = load_set(run.input("select"))
         if spec.recover:
-            images, loss_rows, stats = _recover_all(cfg, spec, data, init, labels, run)
+            plan = Recovery(cfg, run.layout, run.device, data, init, labels)
+            stats = plan.run(Shard.of_process())
+            run.resumed_seconds += stats.pop("resumed_seconds")
+            distributed.barrier()  # under torchrun: every rank's batches are on disk from here on
+            images, loss_rows = plan.assemble(run.tracker)
+            stats = {**plan.stats(), **stats}
         else:
             images, loss_rows, stats = init, [], {"iterations": 0, "s_per_image": 0.0}
         entries = [
@@ -77,6 +108,25 @@ def recover(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
     if distributed.is_main():
         shutil.rmtree(run.layout.partial("recover"), ignore_errors=True)
     return run.metrics
+
+
+def recover_shard(cfg: Config, shard: Shard) -> dict:
+    """Recover the batches of one shard into the partial folder, and publish nothing.
+
+    Shards can run anywhere that sees the output folder (``fadrm recover --shard i/N`` by
+    hand, Prefect tasks on Dask workers); ``recover`` then assembles what they made. A batch
+    already on disk is skipped, so a shard that was cut off is simply run again.
+    """
+    if not METHODS[cfg.method].recover:
+        return {"shard": str(shard), "batches": 0, "recovered": 0}
+    layout = Layout.of(cfg)
+    require(cfg, layout, "recover")
+    data = Prepared(layout.stage("prepare"))
+    init, labels, _ = load_set(layout.stage("select"))
+    plan = Recovery(cfg, layout, resolve_device(cfg.device), data, init, labels)
+    stats = plan.run(shard)
+    plan.close()
+    return {"shard": str(shard), "batches": len(shard.units(len(plan.batches))), **stats}
 
 
 # ----------------------------------------------------------------------------- the method
@@ -102,6 +152,15 @@ def residual_merge(x: torch.Tensor, init: torch.Tensor, alpha: float, size: int)
     """alpha * resize(x, size) + (1 - alpha) * resize(init, size): pull the optimised images back
     towards their real initialisation between stages (the data residual)."""
     return alpha * resize(x, size) + (1 - alpha) * resize(init, size)
+
+
+def nearest_anchor(x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """For each image of ``x`` (B x 3 x h x w), its candidate anchor (``anchors``: B x M x 3 x H x W)
+    closest in mean squared pixel distance at the image's current resolution."""
+    b, m = anchors.shape[:2]
+    small = resize(anchors.flatten(0, 1), x.shape[-1]).view(b, m, *x.shape[1:])
+    nearest = (small - x[:, None]).pow(2).flatten(2).mean(2).argmin(1)
+    return anchors[torch.arange(b, device=anchors.device), nearest]
 
 
 def resolve_schedule(rc: RecoverConfig, resolution: int, spec: MethodSpec) -> Schedule:
@@ -138,10 +197,13 @@ def recover_batch(
     rng: np.random.Generator,
     on_step=None,
     names: list[str] | None = None,
+    anchors: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[list[float]]]:
     """Recover one batch; returns the images (input space, final resolution) and a loss log.
 
-    The log has one row ``[step, loss, ce, bn]`` every ``rc.log_every`` steps.
+    The log has one row ``[step, loss, ce, bn]`` every ``rc.log_every`` steps. ``anchors``
+    (B x M x 3 x H x W, input space) are the real patches each image's merges may pull
+    towards instead of its own initialisation (``recover.anchor: nearest``).
     """
     device = x_init.device
     total = sum(iters for _, iters in schedule)
@@ -150,8 +212,12 @@ def recover_batch(
     x = resize(x_init, schedule[0][0]).detach().clone().requires_grad_(True)
     log: list[list[float]] = []
     step = 0
+    pinned_at_start = saturated_share(x_init, low, high)
+    who = ", ".join((names or [])[:8])
+    hint = f"lower recover.lr (now {rc.lr:g})"
     for k, (res, iters) in enumerate(schedule):
         optimizer = torch.optim.Adam([x], lr=rc.lr, betas=(0.5, 0.9))
+        guard = StepGuard(f"recover (images [{who}])", optimizer, scaler, hint)
         for _ in range(iters):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, total, rc.lr)
@@ -162,16 +228,12 @@ def recover_batch(
             ce = F.cross_entropy(logits.float(), targets)
             bn = teacher.bn.pop()
             loss = rc.ce_weight * ce + (rc.bn_weight * bn if bn is not None else 0.0)
+            at = f"iteration {step + 1}/{total} (stage {k + 1}, {res} px, teacher {teacher.name})"
             if not torch.isfinite(loss):
-                who = ", ".join((names or [])[:8])
-                raise DivergenceError(
-                    f"recover: loss became {loss.item()} at iteration {step + 1}/{total} "
-                    f"(stage {k + 1}, {res} px, teacher {teacher.name}) for images [{who}]"
-                )
+                raise DivergenceError(f"recover: loss became {loss.item()} at {at} for images [{who}]; {hint}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            guard.step(at)
             with torch.no_grad():
                 x.copy_(torch.maximum(torch.minimum(x, high), low))
             if step % rc.log_every == 0 or step == total - 1:
@@ -179,10 +241,18 @@ def recover_batch(
             step += 1
             if on_step is not None:
                 on_step()
+        pinned = saturated_share(x.detach(), low, high)  # collapse: the images became flat 0/255 fields
+        if iters and pinned > SATURATED and pinned > pinned_at_start + SATURATED_RISE:
+            raise DivergenceError(
+                f"recover: {pinned:.0%} of the pixels are pinned at 0 or 255 after iteration {step}/{total} "
+                f"(stage {k + 1}, {res} px; the initial images had {pinned_at_start:.0%}) for images [{who}]: "
+                f"the step size is far too large; {hint}"
+            )
         if k + 1 < len(schedule):
             nxt = schedule[k + 1][0]
             with torch.no_grad():
-                merged = residual_merge(x, x_init, rc.alpha, nxt) if merges else resize(x, nxt)
+                anchor = x_init if anchors is None else nearest_anchor(x, anchors)
+                merged = residual_merge(x, anchor, rc.alpha, nxt) if merges else resize(x, nxt)
             x = merged.detach().clone().requires_grad_(True)
     return x.detach(), log
 
@@ -190,77 +260,127 @@ def recover_batch(
 # ----------------------------------------------------------------------------- the stage body
 
 
-def _recover_all(cfg: Config, spec: MethodSpec, data: Prepared, init: torch.Tensor, labels: np.ndarray, run: StageRun):
-    rc = cfg.recover
-    device = run.device
-    schedule = resolve_schedule(rc, data.resolution, spec)
-    loaded = load_teachers(run.input("squeeze"), data, device, which="all" if spec.all_teachers else "first")
-    if rc.ce_weight == 0:
-        for name, model in loaded:
-            if not has_batchnorm(model):
-                raise ConfigError(
-                    f"teacher '{name}' has no BatchNorm layers, and with recover.ce_weight=0 BN matching is its "
-                    "only loss; set ce_weight > 0 or drop that teacher"
-                )
-    teachers = [Teacher(name, model, BNStatsLoss(model, rc.first_bn_weight)) for name, model in loaded]
-    precision = "fp32" if spec.fp32 else resolve_precision(rc.precision, device)
-    bounds = (data.normalize(torch.zeros(1, 3, 1, 1)), data.normalize(torch.ones(1, 3, 1, 1)))
-    jitter_limit = rc.jitter if rc.jitter is not None else default_jitter(data.resolution)
-    crop_scale = tuple(rc.crop_scale) if rc.crop_scale is not None else default_recover_crop_scale(data.resolution)
-    order = _class_interleaved(labels)
-    batches = [order[s : s + rc.batch_size] for s in range(0, len(order), rc.batch_size)]
-    partial = run.layout.partial("recover") / stage_fingerprint("recover", cfg, run.layout)[:16]
-    partial.mkdir(parents=True, exist_ok=True)
-    total_steps = sum(iters for _, iters in schedule)
-    flops_per_step = _flops_per_step(teachers, schedule, rc.batch_size, data, device, precision)
-    out = torch.empty_like(init)
-    logs: list[torch.Tensor] = []
-    progress = bar(len(batches) * total_steps, f"recover ({cfg.method})", unit="step")
-    busy, fresh = 0.0, 0
-    mine = {b for b in range(len(batches)) if b % distributed.world_size() == distributed.rank()}
-    for b, idx in enumerate(batches):
-        done = partial / f"batch-{b:05d}.pt"
-        if b not in mine or done.is_file():
-            progress.update(total_steps)
-            continue
-        names = [f"{data.classes[labels[i]]}#{i}" for i in idx]
-        x_init = data.to_input(init[idx], device)
-        targets = torch.from_numpy(labels[idx]).to(device)
-        rng = np.random.default_rng([cfg.seed, b, 0x2EC0])
+class Recovery:
+    """Everything one recovery needs, and its unit of work: a batch of images.
+
+    Batches are fixed by the data (class-interleaved, ``recover.batch_size`` images each) and
+    seeded by their index, so which process recovers which batch never changes the result.
+    Finished batches are files in ``<out>/.recover.partial/<fingerprint>/``.
+    """
+
+    def __init__(self, cfg: Config, layout: Layout, device: torch.device, data: Prepared, init: torch.Tensor,
+                 labels: np.ndarray):
+        self.cfg, self.rc, self.device, self.data = cfg, cfg.recover, device, data
+        self.spec = METHODS[cfg.method]
+        self.init, self.labels = init, labels
+        self.schedule = resolve_schedule(self.rc, data.resolution, self.spec)
+        loaded = load_teachers(layout.stage("squeeze"), data, device, which="all" if self.spec.all_teachers else "first")
+        if self.rc.ce_weight == 0:
+            for name, model in loaded:
+                if not has_batchnorm(model):
+                    raise ConfigError(
+                        f"teacher '{name}' has no BatchNorm layers, and with recover.ce_weight=0 BN matching is its "
+                        "only loss; set ce_weight > 0 or drop that teacher"
+                    )
+        self.teachers = [Teacher(name, model, BNStatsLoss(model, self.rc.first_bn_weight)) for name, model in loaded]
+        self.precision = "fp32" if self.spec.fp32 else resolve_precision(self.rc.precision, device)
+        self.bounds = (data.normalize(torch.zeros(1, 3, 1, 1)), data.normalize(torch.ones(1, 3, 1, 1)))
+        self.jitter = self.rc.jitter if self.rc.jitter is not None else default_jitter(data.resolution)
+        self.crop_scale = (tuple(self.rc.crop_scale) if self.rc.crop_scale is not None
+                           else default_recover_crop_scale(data.resolution))
+        order = _class_interleaved(labels)
+        self.batches = [order[s : s + self.rc.batch_size] for s in range(0, len(order), self.rc.batch_size)]
+        self.partial = layout.partial("recover") / stage_fingerprint("recover", cfg, layout)[:16]
+        self.total_steps = sum(iters for _, iters in self.schedule)
+        self.anchors = self._anchor_pool(layout) if self.rc.anchor == "nearest" and self.spec.merges else None
+
+    def _anchor_pool(self, layout: Layout) -> torch.Tensor:
+        path = layout.stage("select") / ANCHORS
+        if not path.is_file():
+            raise ConfigError(
+                "recover.anchor=nearest needs the real patches select keeps as anchors (select.anchor_pool > 0, "
+                "select.factor 1); rerun `fadrm select` with them, or use recover.anchor=init"
+            )
+        return load_file(str(path))["pixels"]
+
+    def batch_anchors(self, idx: np.ndarray) -> torch.Tensor | None:
+        """Each image's candidate anchors: its own real patch, then its class's pool (input space)."""
+        if self.anchors is None:
+            return None
+        own = self.init[idx][:, None]
+        pool = self.anchors[torch.from_numpy(self.labels[idx])]
+        both = torch.cat([own, pool], dim=1)
+        return self.data.to_input(both.flatten(0, 1), self.device).view(*both.shape[:2], *both.shape[2:])
+
+    def batch_file(self, b: int) -> Path:
+        return self.partial / f"batch-{b:05d}.pt"
+
+    def run(self, shard: Shard) -> dict:
+        """Recover the shard's batches that are not on disk yet; time and count them."""
+        self.partial.mkdir(parents=True, exist_ok=True)
+        owned = shard.units(len(self.batches))
+        progress = bar(len(owned) * self.total_steps, f"recover ({self.cfg.method}) shard {shard}"
+                       if shard.count > 1 else f"recover ({self.cfg.method})", unit="step")
+        busy, resumed, fresh = 0.0, 0.0, 0
+        for b in owned:
+            if self.batch_file(b).is_file():  # finished before an interruption, or by another shard
+                resumed += float(torch.load(self.batch_file(b), weights_only=True).get("seconds", 0.0))
+                progress.update(self.total_steps)
+                continue
+            start = time.perf_counter()
+            self._recover_one(b, progress)
+            busy += time.perf_counter() - start
+            fresh += len(self.batches[b])
+        progress.close()
+        images = sum(len(self.batches[b]) for b in owned)
+        return {"s_per_image": round((busy + resumed) / images, 4) if images else None,  # resumed batches count
+                "recovered_images": fresh, "resumed_seconds": resumed}
+
+    def _recover_one(self, b: int, progress) -> None:
         start = time.perf_counter()
+        idx = self.batches[b]
+        names = [f"{self.data.classes[self.labels[i]]}#{i}" for i in idx]
         x, log = recover_batch(
-            x_init, targets, teachers, schedule, rc, merges=spec.merges, bounds=bounds,
-            jitter_limit=jitter_limit, crop_scale=crop_scale, precision=precision, rng=rng,
-            on_step=progress.update, names=names,
+            self.data.to_input(self.init[idx], self.device), torch.from_numpy(self.labels[idx]).to(self.device),
+            self.teachers, self.schedule, self.rc, merges=self.spec.merges, bounds=self.bounds,
+            jitter_limit=self.jitter, crop_scale=self.crop_scale, precision=self.precision,
+            rng=np.random.default_rng([self.cfg.seed, b, 0x2EC0]), on_step=progress.update, names=names,
+            anchors=self.batch_anchors(idx),
         )
-        busy += time.perf_counter() - start
-        fresh += len(idx)
-        saved = {"images": to_uint8(data.denormalize(x)), "log": torch.tensor(log, dtype=torch.float64)}
-        torch.save(saved, done.with_suffix(".tmp"))
-        done.with_suffix(".tmp").replace(done)
-    progress.close()
-    distributed.barrier()  # under torchrun: every rank's batches are on disk from here on
-    for b, idx in enumerate(batches):
-        saved = torch.load(partial / f"batch-{b:05d}.pt", weights_only=True)
-        out[idx] = saved["images"]
-        logs.append(saved["log"])
-    # The loss curve: mean over batches at every logged step.
-    mean_log = torch.stack(logs).mean(0).tolist()
-    loss_rows = [{"step": int(step), "loss": loss, "ce": ce, "bn": bn} for step, loss, ce, bn in mean_log]
-    for row in loss_rows[:: max(1, len(loss_rows) // 100)]:  # at most ~100 points to the tracker
-        run.tracker.log_metrics({"recover_loss": row["loss"], "recover_ce": row["ce"], "recover_bn": row["bn"]},
+        saved = {"images": to_uint8(self.data.denormalize(x)), "log": torch.tensor(log, dtype=torch.float64),
+                 "seconds": time.perf_counter() - start}
+        tmp = self.batch_file(b).with_suffix(".tmp")
+        torch.save(saved, tmp)
+        tmp.replace(self.batch_file(b))
+
+    def assemble(self, tracker: Tracker) -> tuple[torch.Tensor, list[dict]]:
+        """The whole recovered set from the batch files, and the mean loss curve."""
+        missing = [b for b in range(len(self.batches)) if not self.batch_file(b).is_file()]
+        if missing:
+            raise MissingInputError(f"recover: batches {missing[:10]} are not recovered yet (run the missing shards)")
+        out = torch.empty_like(self.init)
+        logs = []
+        for b, idx in enumerate(self.batches):
+            saved = torch.load(self.batch_file(b), weights_only=True)
+            out[idx] = saved["images"]
+            logs.append(saved["log"])
+        self.close()
+        mean_log = torch.stack(logs).mean(0).tolist()  # the loss curve: mean over batches at every logged step
+        rows = [{"step": int(step), "loss": loss, "ce": ce, "bn": bn} for step, loss, ce, bn in mean_log]
+        for row in rows[:: max(1, len(rows) // 100)]:  # at most ~100 points to the tracker
+            tracker.log_metrics({"recover_loss": row["loss"], "recover_ce": row["ce"], "recover_bn": row["bn"]},
                                 step=row["step"])
-    for teacher in teachers:
-        teacher.bn.remove()
-    stats = {
-        "iterations": total_steps,
-        "schedule": [list(p) for p in schedule],
-        "precision": precision,
-        "teachers": [t.name for t in teachers],
-        "s_per_image": round(busy / fresh, 4) if fresh else None,  # None: every batch was resumed
-        "flops": flops_per_step * len(batches),
-    }
-    return out, loss_rows, stats
+        return out, rows
+
+    def stats(self) -> dict:
+        flops = _flops_per_step(self.teachers, self.schedule, self.rc.batch_size, self.data, self.device, self.precision)
+        return {"iterations": self.total_steps, "schedule": [list(p) for p in self.schedule],
+                "precision": self.precision, "teachers": [t.name for t in self.teachers],
+                "batches": len(self.batches), "flops": flops * len(self.batches)}
+
+    def close(self) -> None:
+        for teacher in self.teachers:
+            teacher.bn.remove()
 
 
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> float | None:

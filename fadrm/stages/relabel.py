@@ -1,35 +1,46 @@
-"""Stage 5 — relabel: FKD-style soft labels for recorded views of the synthetic images.
+"""Stage 5 — relabel: FKD-style soft labels for augmented views of the synthetic images.
 
 Per epoch, every image gets a random-resized crop + flip, and views of the same batch are
-CutMix-ed; the teachers' averaged logits for exactly that view are the label. ``stored``
-mode writes the views (integer crop boxes, flips, CutMix partner and box) and fp16 logits
-to ``labels.safetensors``; ``online`` mode writes only the recipe, and evaluation computes
-the same views from the same seed and asks the teachers then. Either way
-:class:`SoftLabels` gives evaluation the views and logits for any epoch.
+CutMix-ed; the teachers' averaged logits for exactly that view are the label. The views are
+a pure function of the recipe (seed, epoch, sizes; ``fadrm.augment.sample_views``), so they
+are never stored: evaluation draws the same ones again. ``stored`` mode writes the logits to
+``labels.safetensors`` (fp16, or the ``relabel.top_k`` largest with a fill value for the
+rest), ``online`` mode writes only the recipe and the teachers label the views during
+evaluation. Either way :class:`SoftLabels` gives evaluation the views and logits of any epoch,
+reading one slice of the file at a time.
+
+Epochs are the units of work: finished epochs are kept in ``<out>/.relabel.partial`` (a
+rerun resumes), and under ``torchrun`` each rank labels its share (``fadrm.shards``).
 """
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from fadrm import distributed
 from fadrm.augment import Views, render_views, sample_views
-from fadrm.config import Config
+from fadrm.config import Config, RelabelConfig
+from fadrm.data.facts import default_relabel_crop_scale
 from fadrm.data.prepared import Prepared
 from fadrm.device import autocast, resolve_precision
 from fadrm.distilled import load_set
 from fadrm.efficiency import flops_per_sample
-from fadrm.errors import MissingInputError
+from fadrm.errors import DamagedInputError, DivergenceError, MissingInputError
 from fadrm.io import read_json, write_json
 from fadrm.progress import bar
-from fadrm.stage import stage_run
+from fadrm.shards import Shard
+from fadrm.stage import stage_fingerprint, stage_run
 from fadrm.teachers import load_teachers
 from fadrm.tracker import NULL_TRACKER, Tracker
 
 LABELS = "labels.safetensors"
 RECIPE = "labels.json"
-VIEW_FIELDS = {"index": torch.int32, "box": torch.int16, "flip": torch.uint8, "partner": torch.int32, "mix": torch.int16}
 
 
 def relabel(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
@@ -39,58 +50,124 @@ def relabel(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
         data = Prepared(run.input("prepare"))
         images, _, _ = load_set(run.input("recover"))
         teachers = load_teachers(run.input("squeeze"), data, run.device)
-        n = len(images)
-        recipe = {
-            "mode": rl.mode, "epochs": rl.epochs, "num_images": n, "size": data.resolution, "seed": cfg.seed,
-            "batch_size": rl.batch_size, "crop_scale": list(rl.crop_scale), "cutmix": rl.cutmix,
-            "teachers": [name for name, _ in teachers], "num_classes": data.num_classes,
-        }
+        recipe = make_recipe(rl, len(images), data, cfg.seed, [name for name, _ in teachers])
+        run.metrics.update(mode=rl.mode, epochs=rl.epochs, views=len(images) * rl.epochs,
+                           world_size=distributed.world_size())
         if rl.mode == "stored":
+            partial = run.layout.partial("relabel") / stage_fingerprint("relabel", cfg, run.layout)[:16]
             labels = SoftLabels(recipe, data, run.device, teachers=teachers, precision=rl.precision)
-            x01 = images.to(run.device).float().div_(255)
-            arrays = {f: torch.empty((rl.epochs, n, *((4,) if f in ("box", "mix") else ())), dtype=d)
-                      for f, d in VIEW_FIELDS.items()}
-            logits = torch.empty(rl.epochs, n, data.num_classes, dtype=torch.float16)
-            progress = bar(rl.epochs, "relabel", unit="epoch")
-            for epoch in range(rl.epochs):
-                views = labels.views(epoch)
-                for field, dtype in VIEW_FIELDS.items():
-                    arrays[field][epoch] = torch.from_numpy(getattr(views, field).astype(np.int64)).to(dtype)
-                for start in range(0, n, rl.batch_size):
-                    pos = np.arange(start, min(start + rl.batch_size, n))
-                    logits[epoch, pos] = labels.teacher_logits(x01, views, pos).half().cpu()
-                progress.update()
-            progress.close()
-            save_file({**arrays, "logits": logits}, str(run.dir / LABELS))
+            _label_epochs(labels, images.to(run.device), partial, Shard.of_process())
+            distributed.barrier()  # under torchrun: every rank's epochs are on disk from here on
+            save_file(_assemble(partial, rl.epochs), str(run.dir / LABELS))
             size = (run.dir / LABELS).stat().st_size
-            run.metrics.update(bytes_total=size, bytes_per_image_epoch=round(size / (n * rl.epochs), 2))
-            run.metrics["flops"] = sum(flops_per_sample(m, data.resolution, run.device) for _, m in teachers) * n * rl.epochs
+            run.metrics.update(bytes_total=size, bytes_per_image_epoch=round(size / (len(images) * rl.epochs), 2),
+                               storage=recipe["storage"])
+            flops = sum(flops_per_sample(m, data.resolution, run.device) for _, m in teachers)
+            run.metrics["flops"] = flops * len(images) * rl.epochs
         else:
-            run.metrics.update(bytes_total=0, bytes_per_image_epoch=0.0)
+            run.metrics.update(bytes_total=0, bytes_per_image_epoch=0.0, storage="none")
         write_json(run.dir / RECIPE, recipe)
         run.artifacts.append(RECIPE)
-        run.metrics.update(mode=rl.mode, epochs=rl.epochs, views=n * rl.epochs)
+    distributed.barrier()
+    if distributed.is_main():
+        shutil.rmtree(run.layout.partial("relabel"), ignore_errors=True)
     return run.metrics
+
+
+def make_recipe(rl: RelabelConfig, num_images: int, data: Prepared, seed: int, teachers: list[str]) -> dict:
+    """Everything that decides the views and how their labels are kept."""
+    top_k = rl.top_k if rl.top_k is not None and rl.top_k < data.num_classes else None
+    return {"mode": rl.mode, "epochs": rl.epochs, "num_images": num_images, "size": data.resolution, "seed": seed,
+            "batch_size": rl.batch_size, "cutmix": rl.cutmix,
+            "crop_scale": list(rl.crop_scale or default_relabel_crop_scale(data.resolution)),
+            "teachers": teachers, "num_classes": data.num_classes, "top_k": top_k,
+            "storage": "fp16" if top_k is None else f"top{top_k}-fp16"}
+
+
+def _label_epochs(labels: SoftLabels, images: torch.Tensor, partial: Path, shard: Shard) -> None:
+    """Label the shard's epochs that are not on disk yet, one file per epoch."""
+    partial.mkdir(parents=True, exist_ok=True)
+    recipe = labels.recipe
+    owned = [e for e in shard.units(recipe["epochs"]) if not (partial / f"epoch-{e:05d}.safetensors").is_file()]
+    progress = bar(len(owned), "relabel", unit="epoch")
+    n, batch = recipe["num_images"], recipe["batch_size"]
+    for epoch in owned:
+        views = labels.views(epoch)
+        rows = []
+        for s in range(0, n, batch):
+            at = f"epoch {epoch + 1}, views {s}-{min(s + batch, n) - 1}"
+            rows.append(_fits_fp16(labels.teacher_logits(images, views, np.arange(s, min(s + batch, n)), at=at), at))
+        encoded = encode(torch.cat(rows).float().cpu(), recipe["top_k"])
+        tmp = partial / f"epoch-{epoch:05d}.tmp"
+        save_file(encoded, str(tmp))
+        tmp.replace(partial / f"epoch-{epoch:05d}.safetensors")
+        progress.update()
+    progress.close()
+
+
+def _fits_fp16(logits: torch.Tensor, at: str) -> torch.Tensor:
+    """Logits that fp16 storage can hold (|x| <= 65504, else inf), or an error naming where."""
+    largest = logits.abs().max().item()
+    if largest > torch.finfo(torch.float16).max:
+        raise DivergenceError(
+            f"relabel: teacher logits up to {largest:.3g} at {at} do not fit fp16 storage; such teachers are "
+            "broken (rerun `fadrm squeeze` with a lower squeeze.lr), or use relabel.mode=online"
+        )
+    return logits
+
+
+def _assemble(partial: Path, epochs: int) -> dict[str, torch.Tensor]:
+    missing = [e for e in range(epochs) if not (partial / f"epoch-{e:05d}.safetensors").is_file()]
+    if missing:
+        raise MissingInputError(f"relabel: epochs {missing[:10]} are not labelled yet")
+    per_epoch = [load_file(str(partial / f"epoch-{e:05d}.safetensors")) for e in range(epochs)]
+    return {key: torch.stack([p[key] for p in per_epoch]) for key in per_epoch[0]}
+
+
+def encode(logits: torch.Tensor, top_k: int | None) -> dict[str, torch.Tensor]:
+    """Logits (N x C) as stored: fp16, or the top-k values and indices plus one fill value per
+    view, chosen so that the classes left out keep their total probability at temperature 1."""
+    if top_k is None:
+        return {"logits": logits.half()}
+    values, indices = logits.topk(top_k, dim=1)
+    rest = logits.scatter(1, indices, float("-inf"))
+    fill = torch.logsumexp(rest, dim=1) - np.log(logits.shape[1] - top_k)
+    index_type = torch.int16 if logits.shape[1] <= torch.iinfo(torch.int16).max else torch.int32
+    return {"values": values.half(), "indices": indices.to(index_type), "fill": fill.half()}
+
+
+def decode(parts: dict[str, torch.Tensor], num_classes: int) -> torch.Tensor:
+    """The logits (N x C, float) of :func:`encode`'s output."""
+    if "logits" in parts:
+        return parts["logits"].float()
+    logits = parts["fill"].float()[:, None].expand(-1, num_classes).clone()
+    return logits.scatter_(1, parts["indices"].long(), parts["values"].float())
 
 
 class SoftLabels:
     """Views and teacher logits for any epoch, from stored labels or computed online."""
 
-    def __init__(self, recipe: dict, data: Prepared, device: torch.device, teachers=None, stored=None,
+    def __init__(self, recipe: dict, data: Prepared, device: torch.device, teachers=None, stored: Path | None = None,
                  precision: str = "auto"):
         self.recipe, self.data, self.device = recipe, data, device
         self.teachers = teachers
-        self.stored = stored
         self.precision = resolve_precision(precision, device)
+        self._path = stored
+        self._file = safe_open(str(stored), framework="pt") if stored is not None else None
 
     @classmethod
-    def open(cls, folder, data: Prepared, device: torch.device, squeeze_dir, precision: str = "auto") -> SoftLabels:
+    def open(cls, folder: Path, data: Prepared, device: torch.device, squeeze_dir: Path,
+             precision: str = "auto") -> SoftLabels:
         if not (folder / RECIPE).is_file():
             raise MissingInputError(f"no soft labels in {folder}; run `fadrm relabel` first")
         recipe = read_json(folder / RECIPE)
         if recipe["mode"] == "stored":
-            return cls(recipe, data, device, stored=load_file(str(folder / LABELS)), precision=precision)
+            return cls(recipe, data, device, stored=folder / LABELS, precision=precision)
         return cls(recipe, data, device, teachers=load_teachers(squeeze_dir, data, device), precision=precision)
+
+    @property
+    def stored(self) -> bool:
+        return self._file is not None
 
     @property
     def epochs(self) -> int:
@@ -98,29 +175,44 @@ class SoftLabels:
 
     def views(self, epoch: int) -> Views:
         """Epoch ``epoch``'s views (evaluation past the recorded epochs cycles through them)."""
-        epoch %= self.epochs
-        if self.stored is not None:
-            return Views(*(self.stored[f][epoch].numpy().astype(np.int64) for f in VIEW_FIELDS))
         r = self.recipe
-        return sample_views(r["num_images"], r["size"], r["size"], r["seed"], epoch, r["batch_size"],
+        return sample_views(r["num_images"], r["size"], r["size"], r["seed"], epoch % self.epochs, r["batch_size"],
                             tuple(r["crop_scale"]), r["cutmix"])
 
-    def render(self, x01: torch.Tensor, views: Views, positions: np.ndarray) -> torch.Tensor:
-        """The normalised views at ``positions`` of the images ``x01`` ([0, 1])."""
-        return self.data.normalize(render_views(x01, views, positions, self.recipe["size"]))
+    def render(self, images: torch.Tensor, views: Views, positions: np.ndarray) -> torch.Tensor:
+        """The normalised views at ``positions`` of ``images`` (uint8, or floats in [0, 1])."""
+        return self.data.normalize(render_views(images, views, positions, self.recipe["size"]))
 
     @torch.no_grad()
-    def teacher_logits(self, x01: torch.Tensor, views: Views, positions: np.ndarray) -> torch.Tensor:
-        """The teachers' averaged logits for these views, computed now."""
-        x = self.render(x01, views, positions)
+    def teacher_logits(self, images: torch.Tensor, views: Views, positions: np.ndarray, at: str = "") -> torch.Tensor:
+        """The teachers' averaged logits for these views, computed now (non-finite ones are refused:
+        they come from broken teachers, and whatever learns from them would be blamed instead)."""
+        x = self.render(images, views, positions)
         total = None
-        for _, model in self.teachers:
+        for name, model in self.teachers:
             with autocast(self.device, self.precision):
                 out = model(x).float()
+            if not torch.isfinite(out).all():
+                raise DivergenceError(
+                    f"soft labels: teacher {name} gave non-finite logits ({at or 'these views'}); the teacher in "
+                    "squeeze/ is broken: rerun `fadrm squeeze` (a lower squeeze.lr) and `fadrm relabel`"
+                )
             total = out if total is None else total + out
         return total / len(self.teachers)
 
-    def logits(self, epoch: int, x01: torch.Tensor, views: Views, positions: np.ndarray) -> torch.Tensor:
-        if self.stored is not None:
-            return self.stored["logits"][epoch % self.epochs][torch.from_numpy(positions)].float().to(self.device)
-        return self.teacher_logits(x01, views, positions)
+    def logits(self, epoch: int, images: torch.Tensor | None, views: Views, positions: np.ndarray,
+               at: str = "") -> torch.Tensor:
+        """The labels of the view records at ``positions`` (a contiguous range) of ``epoch``."""
+        if self._file is None:
+            return self.teacher_logits(images, views, positions, at=at)
+        e, lo, hi = epoch % self.epochs, int(positions[0]), int(positions[-1]) + 1
+        if hi - lo != len(positions):
+            raise ValueError("stored labels are read for a contiguous range of view records")
+        parts = {key: self._file.get_slice(key)[e, lo:hi] for key in self._file.keys()}
+        out = decode(parts, self.recipe["num_classes"])
+        if not torch.isfinite(out).all():  # checked on the host, slice by slice: the file may not fit in memory
+            raise DamagedInputError(
+                f"the soft labels in {self._path} hold non-finite values (epoch {e + 1}, views {lo}-{hi - 1}; made "
+                "by broken teachers); rerun `fadrm squeeze` and `fadrm relabel`, or `fadrm run`"
+            )
+        return out.to(self.device, non_blocking=True)

@@ -4,12 +4,17 @@ Each entry of ``squeeze.teachers`` is trained (SGD with Nesterov momentum, linea
 cosine, label smoothing, crop + flip), loaded from a user's weights file, or fetched from
 timm (network). Output (``<out>/squeeze``): ``<i>-<arch>.safetensors`` with a JSON card
 (architecture, dataset hash, accuracy, sha256, config) and ``teachers.json`` listing them.
-Training checkpoints every epoch; an interrupted run resumes where it stopped.
+Training checkpoints every epoch, with the loss history and the seconds spent so far, so an
+interrupted run resumes where it stopped and still reports the whole training (curve,
+seconds, FLOPs). Training that diverges stops at the epoch where it does (:mod:`fadrm.numerics`).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -20,9 +25,10 @@ from fadrm.data.prepared import Prepared
 from fadrm.device import autocast, grad_scaler, resolve_precision
 from fadrm.efficiency import flops_per_sample
 from fadrm.engine import accuracy, param_groups, seed_everything, to_channels_last, warmup_cosine
-from fadrm.errors import DivergenceError
+from fadrm.errors import WeightsError
 from fadrm.io import read_json, write_json
 from fadrm.models import create_model
+from fadrm.numerics import StepGuard, check_epoch_loss, check_model
 from fadrm.progress import bar
 from fadrm.stage import StageRun, stage_run
 from fadrm.teachers import TEACHERS
@@ -31,8 +37,26 @@ from fadrm.visualize import Axis, line_plot
 from fadrm.weights import load_weights, save_weights
 
 
+def _weight_files(cfg: Config) -> dict[str, Path]:
+    return {f"squeeze.teachers.{i}.weights": Path(t.weights) for i, t in enumerate(cfg.squeeze.teachers)
+            if t.weights not in (None, "pretrained")}
+
+
+def input_files(cfg: Config) -> dict[str, Path]:
+    """The teachers' weights files (for lineage: a file changed in place makes squeeze stale)."""
+    return _weight_files(cfg)
+
+
+def preflight(cfg: Config, facts) -> None:
+    """Every weights file named in the config exists."""
+    for key, path in _weight_files(cfg).items():
+        if not path.is_file():
+            raise WeightsError(f"{key}: weights file not found: {path}")
+
+
 def squeeze(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
     """Train/load every teacher, test it, save it. Returns the stage metrics."""
+    preflight(cfg, None)
     with stage_run("squeeze", cfg, tracker) as run:
         data = Prepared(run.input("prepare"))
         cards = []
@@ -40,11 +64,12 @@ def squeeze(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
         for index, spec in enumerate(cfg.squeeze.teachers):
             name = f"{index}-{spec.arch}"
             model, epochs_run = obtain_teacher(spec, name, data, run)
-            trained = epochs_run * len(data.split("train"))  # a resumed run trains only the rest
+            trained = epochs_run * len(data.split("train"))  # all epochs, those before a resume included
             flops += flops_per_sample(model, data.resolution, run.device, train=True) * trained
             flops += flops_per_sample(model, data.resolution, run.device) * len(data.split("test"))
             precision = resolve_precision(cfg.squeeze.precision, run.device)
-            top1, top5 = accuracy(model, data.test_batches(256, run.device, cfg.data.workers), precision)
+            top1, top5 = accuracy(model, data.test_batches(256, run.device, cfg.data.workers), precision,
+                                  who=f"squeeze {name}")
             card = save_weights(
                 model,
                 run.dir / f"{name}.safetensors",
@@ -78,11 +103,12 @@ def squeeze(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
             teacher_sha256={c["name"]: c["sha256"] for c in cards},
             flops=flops,
         )
+    shutil.rmtree(run.layout.partial("squeeze"), ignore_errors=True)  # the checkpoints served their purpose
     return run.metrics
 
 
 def obtain_teacher(spec: TeacherConfig, name: str, data: Prepared, run: StageRun) -> tuple[nn.Module, int]:
-    """The teacher in eval mode, and how many epochs were trained in this call."""
+    """The teacher in eval mode, and how many epochs it was trained (0 for given weights)."""
     seed_everything(run.cfg.seed)  # before building: the initial weights come from the global RNG
     pretrained = spec.weights == "pretrained"
     model = create_model(spec.arch, data.num_classes, data.resolution, pretrained=pretrained)
@@ -95,7 +121,10 @@ def obtain_teacher(spec: TeacherConfig, name: str, data: Prepared, run: StageRun
 
 def train_teacher(model: nn.Module, name: str, data: Prepared, run: StageRun) -> int:
     """Supervised training on the train split, with per-epoch checkpoints for resuming.
-    Returns the number of epochs trained now (fewer than configured after a resume)."""
+
+    Returns the number of epochs trained. After a resume, the epochs before the interruption
+    come back from the checkpoint with their loss rows (plotted and logged again) and their
+    seconds (``run.resumed_seconds``)."""
     cfg, sq = run.cfg, run.cfg.squeeze
     precision = resolve_precision(sq.precision, run.device)
     model = to_channels_last(model, sq.channels_last)
@@ -110,45 +139,61 @@ def train_teacher(model: nn.Module, name: str, data: Prepared, run: StageRun) ->
     criterion = nn.CrossEntropyLoss(label_smoothing=sq.label_smoothing)
     checkpoint = run.layout.partial("squeeze") / f"{name}.ckpt"
     data_fp = read_json(run.layout.stage("prepare") / "stage.json")["fingerprint"]
-    start = _resume(checkpoint, data_fp, cfg, model, optimizer, scheduler, scaler, generator)
+    start, history, seconds = _resume(checkpoint, data_fp, cfg, model, optimizer, scheduler, scaler, generator)
+    for row in history:
+        run.tracker.log_metrics({f"{k}.{name}": v for k, v in row.items() if k not in ("teacher", "epoch")},
+                                step=row["epoch"])
+    run.plots.setdefault("squeeze_loss", []).extend(history)
+    run.resumed_seconds += seconds
+    where, hint = f"squeeze {name}", f"lower squeeze.lr (now {sq.lr:g}) or raise squeeze.warmup_epochs"
+    guard = StepGuard(where, optimizer, scaler, hint)
     progress = bar(total, f"squeeze {name}", unit="step", initial=start * steps_per_epoch)
     for epoch in range(start, sq.epochs):
+        began = time.perf_counter()
         model.train()
         running, seen = 0.0, 0
-        for x, y in data.train_batches(sq.batch_size, generator, run.device, sq.crop_padding, cfg.data.workers):
+        for step, (x, y) in enumerate(data.train_batches(sq.batch_size, generator, run.device, sq.crop_padding,
+                                                         cfg.data.workers)):
             if sq.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(run.device, precision):
                 loss = criterion(model(x), y)
-            if not torch.isfinite(loss):
-                raise DivergenceError(f"squeeze {name}: loss became {loss.item()} in epoch {epoch + 1}; lower squeeze.lr")
+            at = f"epoch {epoch + 1}, step {step + 1}/{steps_per_epoch}"
+            guard.check_loss(loss, at)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            guard.step(at)
             scheduler.step()
             running += loss.item() * len(y)
             seen += len(y)
             progress.update()
             progress.set_postfix(epoch=epoch + 1, loss=f"{running / seen:.3f}", refresh=False)
+        check_model(model, where, f"the end of epoch {epoch + 1}", hint)
+        check_epoch_loss(running / seen, data.num_classes, where, f"epoch {epoch + 1}", hint,
+                         final=epoch + 1 == sq.epochs)
         row = {"train_loss": running / seen, "lr": scheduler.get_last_lr()[0]}
         if sq.eval_every and (epoch + 1) % sq.eval_every == 0:
             row["test_top1"], _ = accuracy(model, data.test_batches(256, run.device, cfg.data.workers), precision)
         run.tracker.log_metrics({f"{k}.{name}": v for k, v in row.items()}, step=epoch + 1)
-        run.plots.setdefault("squeeze_loss", []).append({"teacher": name, "epoch": epoch + 1, **row})
-        _save_checkpoint(checkpoint, data_fp, cfg, epoch + 1, model, optimizer, scheduler, scaler, generator)
+        run.plots["squeeze_loss"].append({"teacher": name, "epoch": epoch + 1, **row})
+        seconds += time.perf_counter() - began
+        mine = [r for r in run.plots["squeeze_loss"] if r["teacher"] == name]
+        _save_checkpoint(checkpoint, data_fp, cfg, epoch + 1, model, optimizer, scheduler, scaler, generator,
+                         history=mine, seconds=seconds)
     progress.close()
-    checkpoint.unlink(missing_ok=True)
-    return sq.epochs - start
+    return sq.epochs  # the checkpoint stays until the stage is published: a later teacher may still fail
 
 
 def _ckpt_key(data_fingerprint: str, cfg: Config) -> str:
     return fingerprint({"data": data_fingerprint, "params": cfg.sections(("seed", "squeeze"))})
 
 
-def _save_checkpoint(path, data_fp, cfg, epoch, model, optimizer, scheduler, scaler, generator) -> None:
+def _save_checkpoint(path, data_fp, cfg, epoch, model, optimizer, scheduler, scaler, generator, *,
+                     history: list[dict], seconds: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
+        "history": json.dumps(history),
+        "seconds": seconds,
         "key": _ckpt_key(data_fp, cfg),
         "epoch": epoch,
         "model": model.state_dict(),
@@ -163,18 +208,19 @@ def _save_checkpoint(path, data_fp, cfg, epoch, model, optimizer, scheduler, sca
     tmp.replace(path)
 
 
-def _resume(path, data_fp, cfg, model, optimizer, scheduler, scaler, generator) -> int:
-    """Restore a checkpoint made with the same data and params; return the epoch to start at."""
+def _resume(path, data_fp, cfg, model, optimizer, scheduler, scaler, generator) -> tuple[int, list[dict], float]:
+    """Restore a checkpoint made with the same data and params: the epoch to start at, the loss rows
+    of the epochs before it and the seconds they took (0, [], 0.0 when there is nothing to resume)."""
     if not path.is_file():
-        return 0
+        return 0, [], 0.0
     state = torch.load(path, map_location="cpu", weights_only=True)  # our own file, still no pickle
     if state.get("key") != _ckpt_key(data_fp, cfg):
-        return 0
+        return 0, [], 0.0
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
-    return int(state["epoch"])
+    return int(state["epoch"]), json.loads(state.get("history", "[]")), float(state.get("seconds", 0.0))
 

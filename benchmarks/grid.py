@@ -1,0 +1,303 @@
+"""The accuracy table: methods x IPC x seeds x students on one dataset, one protocol for all.
+
+    python benchmarks/grid.py teachers                       # prepare + train the teachers (convnet, resnet18)
+    python benchmarks/grid.py run                            # every cell; finished cells are skipped
+    python benchmarks/grid.py run --ipc 10 --seeds 0 1 2 --methods rded fadrm --students convnet
+    python benchmarks/grid.py docs                           # re-render docs/benchmarks.md from the JSON
+
+Defaults: full CIFAR-10 from ../shared/data/cifar10-jpeg.tar.gz (`--data` names another tar or
+ImageFolder), the `cifar10-cpu` preset's protocol, IPC 1/10/50, methods random, rded, sre2l,
+fadrm, fadrm+ (round-robin over every teacher), seeds 0-2, students convnet and resnet18.
+Every method gets the same recovery budget (the preset's 4 x 250 iterations; sre2l runs them
+at one resolution without merges) and the same relabel/evaluate settings.
+
+A *set* (method, IPC, seed) is selected, recovered and relabelled once; each (set, student,
+labels) is one *evaluation*: soft labels (the protocol) and hard labels (for DD-Ranking's
+hard-label recovery). Each finished piece is a folder with a `done.json`, so a rerun skips it,
+and every evaluation is a record in docs/benchmarks/cifar10-cpu.json (a JSON list: method, ipc,
+seed, student, labels, top1 as a fraction, ...). With tracking on, the run is one MLflow parent
+run with a child run per evaluation. `--workers N` evaluates N cells at once (processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import json
+import multiprocessing
+import os
+import platform
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from grid_report import render  # noqa: E402
+
+from fadrm.config import Config, load_config  # noqa: E402
+from fadrm.io import read_json, write_json  # noqa: E402
+from fadrm.stage import Layout  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+OUT = ROOT / "outputs" / "bench" / "grid"
+RECORDS = ROOT / "docs" / "benchmarks" / "cifar10-cpu.json"
+METHODS = ("random", "rded", "sre2l", "fadrm", "fadrm+")
+TEACHER_ARCHS = ("convnet", "resnet18")
+# Teacher training beyond the preset: ResNet-18 (CIFAR stem) gets its usual recipe.
+TEACHER_OVERRIDES = {"convnet": [], "resnet18": ["squeeze.epochs=30", "squeeze.lr=0.1", "squeeze.batch_size=256"],
+                     "resnet20": ["squeeze.epochs=15", "squeeze.lr=0.1"]}  # ResNet-20: FADRM+'s second teacher on CPUs
+SET_STAGES = ("squeeze", "select", "recover", "relabel")
+
+
+def base_config(args, out: Path, *overrides: str) -> Config:
+    return load_config(None, args.preset, [f"out_dir={out}", f"data.path={args.data}", f"device={args.device}",
+                                           "tracking.enabled=false", *args.set, *overrides])
+
+
+def link_stage(src_root: Path, dest_root: Path, stage: str) -> None:
+    """Hard-link a finished stage folder (and its figures) into another output root."""
+    dest = dest_root / stage
+    if dest.exists():
+        return
+    shutil.copytree(src_root / stage, dest, copy_function=os.link)
+    if (src_root / "metrics" / f"{stage}.json").is_file():
+        (dest_root / "metrics").mkdir(parents=True, exist_ok=True)
+        shutil.copy(src_root / "metrics" / f"{stage}.json", dest_root / "metrics" / f"{stage}.json")
+
+
+# ----------------------------------------------------------------------------- teachers
+
+
+def prepared(args) -> Path:
+    from fadrm.pipeline import run_pipeline
+
+    root = args.out / "prepared"
+    run_pipeline(base_config(args, root), until="prepare")
+    return root
+
+
+def teacher_file(args, arch: str) -> Path:
+    given = dict(t.split("=", 1) for t in args.teacher)
+    if arch in given:
+        return Path(given[arch]).resolve()
+    return args.out / "teachers" / arch / "squeeze" / f"0-{arch}.safetensors"
+
+
+def train_teachers(args) -> None:
+    from fadrm.stages.squeeze import squeeze
+
+    shared = prepared(args)
+    for arch in args.teacher_archs:
+        path = teacher_file(args, arch)
+        if path.is_file():
+            print(f"teacher {arch}: {path} (exists)")
+            continue
+        out = args.out / "teachers" / arch
+        link_stage(shared, out, "prepare")
+        cfg = base_config(args, out, f"squeeze.teachers=[{{arch: {arch}, weights: null}}]", *TEACHER_OVERRIDES[arch],
+                          *args.set)  # the user's -S beats the recipe
+        metrics = squeeze(cfg)
+        write_json(out / "done.json", {"arch": arch, "top1": metrics["teacher_top1"], "seconds": metrics["seconds"],
+                                       "device": _device_name(cfg)})
+        print(f"teacher {arch}: top-1 {metrics['teacher_top1']:.4f} in {metrics['seconds'] / 60:.1f} min")
+
+
+def teachers_override(args, method: str) -> str:
+    archs = args.teacher_archs if method == "fadrm+" else args.teacher_archs[:1]
+    entries = ", ".join(f"{{arch: {a}, weights: '{teacher_file(args, a)}'}}" for a in archs)
+    return f"squeeze.teachers=[{entries}]"
+
+
+# ----------------------------------------------------------------------------- cells
+
+
+def set_dir(args, method: str, ipc: int, seed: int) -> Path:
+    return args.out / "sets" / f"{method}-ipc{ipc}-s{seed}"
+
+
+def make_set(args, method: str, ipc: int, seed: int) -> dict[str, Any]:
+    """Select, recover and relabel one distilled set (skipped when done)."""
+    from fadrm.pipeline import STAGES
+
+    out = set_dir(args, method, ipc, seed)
+    if (out / "done.json").is_file():
+        return read_json(out / "done.json")
+    shutil.rmtree(out, ignore_errors=True)
+    link_stage(args.out / "prepared", out, "prepare")
+    cfg = base_config(args, out, f"method={method}", f"ipc={ipc}", f"seed={seed}", teachers_override(args, method))
+    start = time.perf_counter()
+    for stage in SET_STAGES:
+        STAGES[stage](cfg)
+    recover = read_json(Layout.of(cfg).metrics("recover"))
+    done = {"method": method, "ipc": ipc, "seed": seed, "seconds": round(time.perf_counter() - start, 1),
+            "recover_s_per_image": recover.get("s_per_image"), "recover_psnr": recover.get("psnr_vs_init"),
+            "teachers": read_json(Layout.of(cfg).metrics("squeeze"))["teachers"], "device": _device_name(cfg)}
+    write_json(out / "done.json", done)
+    return done
+
+
+def evaluate_set(args, method: str, ipc: int, seed: int, student: str, labels: str, parent: str | None) -> dict:
+    """Train ``student`` on one set with ``labels``; the record of that evaluation."""
+    from fadrm.stages.evaluate import evaluate
+
+    src = set_dir(args, method, ipc, seed)
+    out = src / f"eval-{student}-{labels}"
+    if (out / "done.json").is_file():
+        return read_json(out / "done.json")
+    shutil.rmtree(out, ignore_errors=True)
+    for stage in ("prepare", *SET_STAGES):
+        link_stage(src, out, stage)
+    cfg = base_config(args, out, f"method={method}", f"ipc={ipc}", f"seed={seed}", teachers_override(args, method),
+                      f"evaluate.student={student}", f"evaluate.labels={labels}")
+    with _cell_tracker(args, cfg, parent, f"{method} ipc{ipc} s{seed} {student} {labels}") as tracker:
+        metrics = evaluate(cfg, tracker)
+    made = read_json(src / "done.json")
+    record = {"method": method, "ipc": ipc, "seed": seed, "student": student, "labels": labels,
+              "top1": metrics["top1"], "top5": metrics["top5"], "best_top1": metrics["best_top1"],
+              "evaluate_seconds": metrics["seconds"], "set_seconds": made["seconds"],
+              "recover_s_per_image": made["recover_s_per_image"], "recover_psnr": made["recover_psnr"],
+              "teachers": made["teachers"], "device": _device_name(cfg), "set_device": made["device"],
+              "epochs": cfg.evaluate.epochs, "torch": torch.__version__}
+    write_json(out / "done.json", record)
+    return record
+
+
+def _cell_tracker(args, cfg: Config, parent: str | None, name: str):
+    import contextlib
+
+    if parent is None:
+        from fadrm.tracker import NULL_TRACKER
+
+        return contextlib.nullcontext(NULL_TRACKER)
+    from fadrm.tracking import open_tracker
+
+    @contextlib.contextmanager
+    def scoped():
+        tracked = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": True})})
+        with open_tracker(tracked, parent_run_id=parent) as root, root.stage(name) as cell:
+            cell.set_tags({"fadrm.kind": "benchmark-cell", "fadrm.method": cfg.method, "fadrm.ipc": str(cfg.ipc),
+                           "fadrm.seed": str(cfg.seed), "fadrm.student": cfg.evaluate.student})
+            yield cell
+
+    return scoped()
+
+
+def _device_name(cfg: Config) -> str:
+    from fadrm.device import resolve_device
+
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu x{os.cpu_count()} ({platform.processor() or platform.machine()})"
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+    os.environ["FADRM_PROGRESS"] = "0"
+
+
+def run(args) -> None:
+    prepared(args)
+    missing = [a for a in args.teacher_archs if not teacher_file(args, a).is_file()]
+    if missing:
+        raise SystemExit(f"no weights for teacher(s) {missing}: run `grid.py teachers` or pass --teacher ARCH=PATH")
+    sets = [(m, ipc, s) for ipc in args.ipc for m in args.methods for s in args.seeds]
+    evals = [(*cell, student, labels) for cell in sets for student in args.students for labels in args.labels]
+    records = {_key(r): r for r in (json.loads(args.records.read_text()) if args.records.is_file() else [])}
+    todo = [e for e in evals if _key(dict(zip(("method", "ipc", "seed", "student", "labels"), e))) not in records]
+    # soft labels (the protocol) before hard ones, and seed by seed, so an interrupted run has whole rows
+    todo.sort(key=lambda e: (e[4] != "soft", e[2], e[1], METHODS.index(e[0]), e[3]))
+    print(f"{len(evals)} evaluations, {len(evals) - len(todo)} already recorded, {len(todo)} to do", flush=True)
+    client, parent = _open_parent(args) if args.track else (None, None)
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    context = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(args.workers, mp_context=context, initializer=_init_worker,
+                                     initargs=(threads,)) as pool:
+        needed = sorted({e[:3] for e in todo}, key=lambda c: (c[1], METHODS.index(c[0]), c[2]))
+        for done in futures.as_completed([pool.submit(make_set, args, *c) for c in needed]):
+            made = done.result()
+            print(f"set {made['method']} ipc{made['ipc']} s{made['seed']}: {made['seconds']} s", flush=True)
+        jobs = [pool.submit(evaluate_set, args, *e, parent) for e in todo]
+        for done in futures.as_completed(jobs):
+            record = done.result()
+            records[_key(record)] = {**record, "command": args.command}
+            write_json(args.records, sorted(records.values(), key=_order))
+            print(f"{_key(record)}: top-1 {100 * record['top1']:.2f}%", flush=True)
+    if parent:
+        client.log_artifact(parent, str(args.records))
+        client.set_terminated(parent, "FINISHED")
+    print(f"wrote {render(args.records, args.report, _teacher_figures(args))}")
+
+
+def _key(r: dict) -> str:
+    return f"{r['method']}|ipc{r['ipc']}|s{r['seed']}|{r['student']}|{r['labels']}"
+
+
+def _order(r: dict):
+    return (r["ipc"], METHODS.index(r["method"]) if r["method"] in METHODS else 99, r["student"], r["labels"], r["seed"])
+
+
+def _teacher_figures(args) -> dict[str, dict]:
+    figures = {}
+    for arch in args.teacher_archs:
+        card = teacher_file(args, arch).with_suffix(".json")
+        if card.is_file():
+            figures[arch] = {"top1": read_json(card)["top1"]}
+    return figures
+
+
+def _open_parent(args):
+    """The MLflow client and a new parent run for this invocation of the grid."""
+    from fadrm.tracking import connect
+
+    client, experiment_id = connect(base_config(args, args.out))
+    run = client.create_run(experiment_id, run_name=f"benchmark grid {time.strftime('%Y-%m-%d %H:%M')}",
+                            tags={"fadrm.kind": "benchmark", "fadrm.command": args.command[:5000]})
+    return client, run.info.run_id
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["teachers", "run", "docs"])
+    parser.add_argument("--data", type=Path, default=DATA, help="tar(.gz) or ImageFolder of the dataset")
+    parser.add_argument("--preset", default="cifar10-cpu", help="protocol preset (fadrm presets)")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--records", type=Path, default=RECORDS, help="the JSON list of evaluations")
+    parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md", help="the Markdown tables")
+    parser.add_argument("--ipc", type=int, nargs="+", default=[1, 10, 50])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--students", nargs="+", default=["convnet", "resnet18"])
+    parser.add_argument("--labels", nargs="+", default=["soft", "hard"], choices=["soft", "hard"])
+    parser.add_argument("--teacher-archs", nargs="+", default=list(TEACHER_ARCHS),
+                        help="teachers for fadrm+ (the first is every other method's teacher)")
+    parser.add_argument("--teacher", action="append", default=[], metavar="ARCH=PATH", help="use these weights")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--no-track", dest="track", action="store_false", help="no MLflow runs")
+    parser.add_argument("-S", "--set", action="append", default=[], help="extra override for every cell")
+    args = parser.parse_args()
+    args.command = "python benchmarks/grid.py " + shlex.join(sys.argv[1:])
+    args.out = args.out.resolve()
+    args.data = args.data.resolve()
+    if args.what == "docs":
+        print(f"wrote {render(args.records, args.report, _teacher_figures(args))}")
+        return
+    if not args.data.exists():
+        raise SystemExit(f"no dataset at {args.data}")
+    os.environ.setdefault("FADRM_PROGRESS", "0")
+    if args.what == "teachers":
+        train_teachers(args)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""The benchmark report's arithmetic: mean ± std over seeds and DD-Ranking's scores."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from grid_report import lrs, render, summarise  # noqa: E402
+
+
+def test_label_robust_score_follows_dd_ranking():
+    # a = 0.5 IOR - 0.5 HLR; LRS = (e^a - 1/e) / (e - 1/e): 0 at a = -1, 1 at a = 1
+    assert lrs(0.0, 0.0) == pytest.approx((1 - math.exp(-1)) / (math.e - math.exp(-1)))
+    assert lrs(1.0, -1.0) == pytest.approx(1.0)
+    assert lrs(-1.0, 1.0) == pytest.approx(0.0)
+    assert lrs(0.10, 0.30) < lrs(0.10, 0.20) < lrs(0.20, 0.20)
+
+
+def _records():
+    rows = []
+    for seed, (rand, fadrm, hard) in enumerate([(0.50, 0.56, 0.40), (0.52, 0.58, 0.44)]):
+        rows += [
+            {"method": "random", "ipc": 10, "seed": seed, "student": "convnet", "labels": "soft", "top1": rand},
+            {"method": "fadrm", "ipc": 10, "seed": seed, "student": "convnet", "labels": "soft", "top1": fadrm},
+            {"method": "fadrm", "ipc": 10, "seed": seed, "student": "convnet", "labels": "hard", "top1": hard},
+        ]
+    return rows
+
+
+def test_summary_per_cell():
+    rows = summarise(_records(), {"convnet": {"top1": 0.82}})
+    fadrm = rows[(10, "fadrm", "convnet")]
+    assert fadrm["ior"] == pytest.approx(0.57 - 0.51)
+    assert fadrm["hlr"] == pytest.approx(0.82 - 0.42)
+    assert fadrm["lrs"] == pytest.approx(lrs(0.06, 0.40))
+    assert "hlr" not in rows[(10, "random", "convnet")]  # no hard-label runs of random here
+
+
+def test_report_shows_mean_std_and_n(tmp_path):
+    import json
+
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps([{**r, "device": "cpu", "command": "python benchmarks/grid.py run"} for r in _records()]))
+    text = render(path, tmp_path / "benchmarks.md", {"convnet": {"top1": 0.82}}).read_text()
+    assert "| fadrm | 57.00 ± 1.41 (n=2) | 42.00 ± 2.83 (n=2) | 48.2 |" in text
+    assert "python benchmarks/grid.py run" in text and "IOR" in text
