@@ -108,8 +108,7 @@ def key(variant: str, method: str, seed: int) -> str:
 
 
 def base(args) -> list[str]:
-    return ["--preset", args.preset, "-S", "tracking.enabled=false", "-S", f"data.path={args.data}",
-            "-S", f"device={args.device}"]
+    return ["--preset", args.preset, "-S", "tracking.enabled=false", "-S", f"data.path={args.data}", "-S", f"device={args.device}"]
 
 
 def run_one(args, variant: str, method: str, seed: int) -> dict | None:
@@ -124,19 +123,35 @@ def run_one(args, variant: str, method: str, seed: int) -> dict | None:
     out.mkdir(parents=True)
     shutil.copytree(shared / "prepare", out / "prepare", copy_function=os.link)
     shutil.copytree(shared / "metrics", out / "metrics", copy_function=os.link)
-    overrides = [*args.suite.base, f"method={method}", *args.suite.variants[variant], f"seed={seed}", f"out_dir={out}",
-                 f"squeeze.teachers.0.weights={args.teacher}", *args.set]
+    overrides = [
+        *args.suite.base,
+        f"method={method}",
+        *args.suite.variants[variant],
+        f"seed={seed}",
+        f"out_dir={out}",
+        f"squeeze.teachers.0.weights={args.teacher}",
+        *args.set,
+    ]
     command = [*FADRM, "run", "--local", "--no-track", *base(args), *(a for o in overrides for a in ("-S", o))]
     start = time.perf_counter()
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "FADRM_PROGRESS": "0"})
     if proc.returncode:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     summary = json.loads((out / "metrics.json").read_text())
-    return {"name": name, "variant": variant, "method": method, "seed": seed, "overrides": args.suite.variants[variant],
-            "top1": summary["student_top1"], "best_top1": summary["student_best_top1"],
-            "teacher_top1": summary["teacher_top1"], "recover_psnr": summary.get("recover_psnr"),
-            "wall_seconds": round(time.perf_counter() - start, 1), "device": _device(),
-            "command": "fadrm run --local --no-track --preset cifar10-cpu " + " ".join(f"-S {o}" for o in overrides)}
+    return {
+        "name": name,
+        "variant": variant,
+        "method": method,
+        "seed": seed,
+        "overrides": args.suite.variants[variant],
+        "top1": summary["student_top1"],
+        "best_top1": summary["student_best_top1"],
+        "teacher_top1": summary["teacher_top1"],
+        "recover_psnr": summary.get("recover_psnr"),
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "device": _device(),
+        "command": "fadrm run --local --no-track --preset cifar10-cpu " + " ".join(f"-S {o}" for o in overrides),
+    }
 
 
 def _device() -> str:
@@ -147,17 +162,22 @@ def _device() -> str:
 
 def render(suite: Suite, results: dict, path: Path) -> Path:
     columns = suite.methods
-    lines = [f"# {suite.title}", "", f"Written by `python benchmarks/ablation.py`. {suite.intro} Two seeds each; "
-             "student top-1 after the last epoch.", "",
-             "Machines: " + ", ".join(sorted({r.get("device", "?") for r in results.values()})) + ". On a GPU, relabel "
-             "and evaluate run in bf16 autocast, so a cell's figure differs from a CPU (fp32) run of it the way "
-             "another seed's does (protocol `before | random | seed 0`: 50.55% on an H200, 47.58% on 2 CPU cores); "
-             "compare rows measured on the same machine.", "",
-             "| change | " + (" | ".join(columns) if len(columns) > 1 else "student top-1 (%)")
-             + f" | mean change vs {suite.reference} | overrides |",
-             "|---|" + "---|" * len(columns) + "---|---|"]
-    ref = {m: [r["top1"] for r in results.values() if r["variant"] == suite.reference and r["method"] == m]
-           for m in columns}
+    lines = [
+        f"# {suite.title}",
+        "",
+        f"Written by `python benchmarks/ablation.py`. {suite.intro} Two seeds each; student top-1 after the last epoch.",
+        "",
+        "Machines: " + ", ".join(sorted({r.get("device", "?") for r in results.values()})) + ". On a GPU, relabel "
+        "and evaluate run in bf16 autocast, so a cell's figure differs from a CPU (fp32) run of it the way "
+        "another seed's does (protocol `before | random | seed 0`: 50.55% on an H200, 47.58% on 2 CPU cores); "
+        "compare rows measured on the same machine.",
+        "",
+        "| change | "
+        + (" | ".join(columns) if len(columns) > 1 else "student top-1 (%)")
+        + f" | mean change vs {suite.reference} | overrides |",
+        "|---|" + "---|" * len(columns) + "---|---|",
+    ]
+    ref = {m: [r["top1"] for r in results.values() if r["variant"] == suite.reference and r["method"] == m] for m in columns}
     for variant, overrides in suite.variants.items():
         cells, deltas = [], []
         for method in columns:
@@ -214,8 +234,7 @@ def main() -> None:
                 args.results[record.pop("name")] = record
                 results_file.parent.mkdir(parents=True, exist_ok=True)
                 results_file.write_text(json.dumps(args.results, indent=2) + "\n")
-                print(f"{key(record['variant'], record['method'], record['seed'])}: {100 * record['top1']:.2f}%",
-                      flush=True)
+                print(f"{key(record['variant'], record['method'], record['seed'])}: {100 * record['top1']:.2f}%", flush=True)
     print(f"wrote {render(args.suite, args.results, report)}")
 
 

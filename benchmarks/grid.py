@@ -51,14 +51,20 @@ RECORDS = ROOT / "docs" / "benchmarks" / "cifar10-cpu.json"
 METHODS = ("random", "rded", "sre2l", "fadrm", "fadrm+")
 TEACHER_ARCHS = ("convnet", "resnet18")
 # Teacher training beyond the preset: ResNet-18 (CIFAR stem) gets its usual recipe.
-TEACHER_OVERRIDES = {"convnet": [], "resnet18": ["squeeze.epochs=30", "squeeze.lr=0.1", "squeeze.batch_size=256"],
-                     "resnet20": ["squeeze.epochs=15", "squeeze.lr=0.1"]}  # ResNet-20: FADRM+'s second teacher on CPUs
+TEACHER_OVERRIDES = {
+    "convnet": [],
+    "resnet18": ["squeeze.epochs=30", "squeeze.lr=0.1", "squeeze.batch_size=256"],
+    "resnet20": ["squeeze.epochs=15", "squeeze.lr=0.1"],
+}  # ResNet-20: FADRM+'s second teacher on CPUs
 SET_STAGES = ("squeeze", "select", "recover", "relabel")
 
 
 def base_config(args, out: Path, *overrides: str) -> Config:
-    return load_config(None, args.preset, [f"out_dir={out}", f"data.path={args.data}", f"device={args.device}",
-                                           "tracking.enabled=false", *args.set, *overrides])
+    return load_config(
+        None,
+        args.preset,
+        [f"out_dir={out}", f"data.path={args.data}", f"device={args.device}", "tracking.enabled=false", *args.set, *overrides],
+    )
 
 
 def link_stage(src_root: Path, dest_root: Path, stage: str) -> None:
@@ -101,11 +107,14 @@ def train_teachers(args) -> None:
             continue
         out = args.out / "teachers" / arch
         link_stage(shared, out, "prepare")
-        cfg = base_config(args, out, f"squeeze.teachers=[{{arch: {arch}, weights: null}}]", *TEACHER_OVERRIDES[arch],
-                          *args.set)  # the user's -S beats the recipe
+        cfg = base_config(
+            args, out, f"squeeze.teachers=[{{arch: {arch}, weights: null}}]", *TEACHER_OVERRIDES[arch], *args.set
+        )  # the user's -S beats the recipe
         metrics = squeeze(cfg)
-        write_json(out / "done.json", {"arch": arch, "top1": metrics["teacher_top1"], "seconds": metrics["seconds"],
-                                       "device": _device_name(cfg)})
+        write_json(
+            out / "done.json",
+            {"arch": arch, "top1": metrics["teacher_top1"], "seconds": metrics["seconds"], "device": _device_name(cfg)},
+        )
         print(f"teacher {arch}: top-1 {metrics['teacher_top1']:.4f} in {metrics['seconds'] / 60:.1f} min")
 
 
@@ -136,9 +145,16 @@ def make_set(args, method: str, ipc: int, seed: int) -> dict[str, Any]:
     for stage in SET_STAGES:
         STAGES[stage](cfg)
     recover = read_json(Layout.of(cfg).metrics("recover"))
-    done = {"method": method, "ipc": ipc, "seed": seed, "seconds": round(time.perf_counter() - start, 1),
-            "recover_s_per_image": recover.get("s_per_image"), "recover_psnr": recover.get("psnr_vs_init"),
-            "teachers": read_json(Layout.of(cfg).metrics("squeeze"))["teachers"], "device": _device_name(cfg)}
+    done = {
+        "method": method,
+        "ipc": ipc,
+        "seed": seed,
+        "seconds": round(time.perf_counter() - start, 1),
+        "recover_s_per_image": recover.get("s_per_image"),
+        "recover_psnr": recover.get("psnr_vs_init"),
+        "teachers": read_json(Layout.of(cfg).metrics("squeeze"))["teachers"],
+        "device": _device_name(cfg),
+    }
     write_json(out / "done.json", done)
     return done
 
@@ -154,17 +170,38 @@ def evaluate_set(args, method: str, ipc: int, seed: int, student: str, labels: s
     shutil.rmtree(out, ignore_errors=True)
     for stage in ("prepare", *SET_STAGES):
         link_stage(src, out, stage)
-    cfg = base_config(args, out, f"method={method}", f"ipc={ipc}", f"seed={seed}", teachers_override(args, method),
-                      f"evaluate.student={student}", f"evaluate.labels={labels}")
+    cfg = base_config(
+        args,
+        out,
+        f"method={method}",
+        f"ipc={ipc}",
+        f"seed={seed}",
+        teachers_override(args, method),
+        f"evaluate.student={student}",
+        f"evaluate.labels={labels}",
+    )
     with _cell_tracker(args, cfg, parent, f"{method} ipc{ipc} s{seed} {student} {labels}") as tracker:
         metrics = evaluate(cfg, tracker)
     made = read_json(src / "done.json")
-    record = {"method": method, "ipc": ipc, "seed": seed, "student": student, "labels": labels,
-              "top1": metrics["top1"], "top5": metrics["top5"], "best_top1": metrics["best_top1"],
-              "evaluate_seconds": metrics["seconds"], "set_seconds": made["seconds"],
-              "recover_s_per_image": made["recover_s_per_image"], "recover_psnr": made["recover_psnr"],
-              "teachers": made["teachers"], "device": _device_name(cfg), "set_device": made["device"],
-              "epochs": cfg.evaluate.epochs, "torch": torch.__version__}
+    record = {
+        "method": method,
+        "ipc": ipc,
+        "seed": seed,
+        "student": student,
+        "labels": labels,
+        "top1": metrics["top1"],
+        "top5": metrics["top5"],
+        "best_top1": metrics["best_top1"],
+        "evaluate_seconds": metrics["seconds"],
+        "set_seconds": made["seconds"],
+        "recover_s_per_image": made["recover_s_per_image"],
+        "recover_psnr": made["recover_psnr"],
+        "teachers": made["teachers"],
+        "device": _device_name(cfg),
+        "set_device": made["device"],
+        "epochs": cfg.evaluate.epochs,
+        "torch": torch.__version__,
+    }
     write_json(out / "done.json", record)
     return record
 
@@ -182,8 +219,15 @@ def _cell_tracker(args, cfg: Config, parent: str | None, name: str):
     def scoped():
         tracked = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": True})})
         with open_tracker(tracked, parent_run_id=parent) as root, root.stage(name) as cell:
-            cell.set_tags({"fadrm.kind": "benchmark-cell", "fadrm.method": cfg.method, "fadrm.ipc": str(cfg.ipc),
-                           "fadrm.seed": str(cfg.seed), "fadrm.student": cfg.evaluate.student})
+            cell.set_tags(
+                {
+                    "fadrm.kind": "benchmark-cell",
+                    "fadrm.method": cfg.method,
+                    "fadrm.ipc": str(cfg.ipc),
+                    "fadrm.seed": str(cfg.seed),
+                    "fadrm.student": cfg.evaluate.student,
+                }
+            )
             yield cell
 
     return scoped()
@@ -218,8 +262,7 @@ def run(args) -> None:
     client, parent = _open_parent(args) if args.track else (None, None)
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     context = multiprocessing.get_context("spawn")
-    with futures.ProcessPoolExecutor(args.workers, mp_context=context, initializer=_init_worker,
-                                     initargs=(threads,)) as pool:
+    with futures.ProcessPoolExecutor(args.workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
         needed = sorted({e[:3] for e in todo}, key=lambda c: (c[1], METHODS.index(c[0]), c[2]))
         for done in futures.as_completed([pool.submit(make_set, args, *c) for c in needed]):
             made = done.result()
@@ -258,8 +301,11 @@ def _open_parent(args):
     from fadrm.tracking import connect
 
     client, experiment_id = connect(base_config(args, args.out))
-    run = client.create_run(experiment_id, run_name=f"benchmark grid {time.strftime('%Y-%m-%d %H:%M')}",
-                            tags={"fadrm.kind": "benchmark", "fadrm.command": args.command[:5000]})
+    run = client.create_run(
+        experiment_id,
+        run_name=f"benchmark grid {time.strftime('%Y-%m-%d %H:%M')}",
+        tags={"fadrm.kind": "benchmark", "fadrm.command": args.command[:5000]},
+    )
     return client, run.info.run_id
 
 
@@ -276,8 +322,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--students", nargs="+", default=["convnet", "resnet18"])
     parser.add_argument("--labels", nargs="+", default=["soft", "hard"], choices=["soft", "hard"])
-    parser.add_argument("--teacher-archs", nargs="+", default=list(TEACHER_ARCHS),
-                        help="teachers for fadrm+ (the first is every other method's teacher)")
+    parser.add_argument(
+        "--teacher-archs",
+        nargs="+",
+        default=list(TEACHER_ARCHS),
+        help="teachers for fadrm+ (the first is every other method's teacher)",
+    )
     parser.add_argument("--teacher", action="append", default=[], metavar="ARCH=PATH", help="use these weights")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=1)

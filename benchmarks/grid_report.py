@@ -24,8 +24,7 @@ METHODS = ("random", "rded", "sre2l", "fadrm", "fadrm+")
 STUDENT_NAMES = {"convnet": "ConvNet-64", "resnet18": "ResNet-18"}
 # Published CIFAR-10 figures (top-1 %, ResNet-18 student) from the PSM paper's table (FADRM.md):
 # GPU, ResNet-18 teachers trained to ~95%, longer student training; not this protocol.
-PAPER = {"rded": {1: 22.9, 10: 37.1, 50: 62.1}, "fadrm": {1: 19.3, 10: 48.2, 50: 80.6},
-         "fadrm+": {1: 23.7, 10: 55.9, 50: 85.8}}
+PAPER = {"rded": {1: 22.9, 10: 37.1, 50: 62.1}, "fadrm": {1: 19.3, 10: 48.2, 50: 80.6}, "fadrm+": {1: 23.7, 10: 55.9, 50: 85.8}}
 
 
 def lrs(ior: float, hlr: float, w: float = 0.5) -> float:
@@ -50,7 +49,7 @@ def summarise(records: list[dict], teachers: dict[str, dict]) -> dict:
     for r in records:
         acc[(r["ipc"], r["method"], r["student"], r["labels"])].append(r["top1"])
     out = {}
-    for (ipc, method, student, labels) in list(acc):
+    for ipc, method, student, labels in list(acc):
         if labels != "soft":
             continue
         soft, hard = acc[(ipc, method, student, "soft")], acc.get((ipc, method, student, "hard"), [])
@@ -71,19 +70,32 @@ def render(records_path: Path, md_path: Path, teachers: dict[str, dict]) -> Path
     records = json.loads(Path(records_path).read_text()) if Path(records_path).is_file() else []
     rows = summarise(records, teachers)
     students = [s for s in STUDENT_NAMES if any(k[2] == s for k in rows)]
-    lines = ["# Benchmarks", "",
-             "Written by `python benchmarks/grid.py` (records: `docs/benchmarks/cifar10-cpu.json`, one per set, "
-             "student and label kind). Full CIFAR-10 (50k train / 10k test JPEGs), the `cifar10-cpu` preset's "
-             "protocol for every method: same teachers, same recovery budget (1,000 iterations), same views and "
-             "soft labels, 300 student epochs. Student top-1 on the real test split after the last epoch, "
-             "mean ± std over seeds (n seeds).", ""]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `python benchmarks/grid.py` (records: `docs/benchmarks/cifar10-cpu.json`, one per set, "
+        "student and label kind). Full CIFAR-10 (50k train / 10k test JPEGs), the `cifar10-cpu` preset's "
+        "protocol for every method: same teachers, same recovery budget (1,000 iterations), same views and "
+        "soft labels, 300 student epochs. Student top-1 on the real test split after the last epoch, "
+        "mean ± std over seeds (n seeds).",
+        "",
+    ]
     if teachers:
-        lines += ["Teachers (full training split, hard labels with smoothing 0.1, `fadrm squeeze`): "
-                  + ", ".join(f"{STUDENT_NAMES.get(a, a)} {100 * t['top1']:.2f}%" for a, t in teachers.items()) + ".", ""]
+        lines += [
+            "Teachers (full training split, hard labels with smoothing 0.1, `fadrm squeeze`): "
+            + ", ".join(f"{STUDENT_NAMES.get(a, a)} {100 * t['top1']:.2f}%" for a, t in teachers.items())
+            + ".",
+            "",
+        ]
     for ipc in sorted({k[0] for k in rows}):
-        lines += [f"## IPC {ipc}", "", "| method | " + " | ".join(
-            f"{STUDENT_NAMES[s]} soft | {STUDENT_NAMES[s]} hard" for s in students) + " | paper (ResNet-18) |",
-            "|---|" + "---|---|" * len(students) + "---|"]
+        lines += [
+            f"## IPC {ipc}",
+            "",
+            "| method | "
+            + " | ".join(f"{STUDENT_NAMES[s]} soft | {STUDENT_NAMES[s]} hard" for s in students)
+            + " | paper (ResNet-18) |",
+            "|---|" + "---|---|" * len(students) + "---|",
+        ]
         for method in METHODS:
             if not any((ipc, method, s) in rows for s in students):
                 continue
@@ -93,18 +105,24 @@ def render(records_path: Path, md_path: Path, teachers: dict[str, dict]) -> Path
                 cells += [_cell(row.get("soft", [])), _cell(row.get("hard", []))]
             paper = PAPER.get(method, {}).get(ipc)
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {paper if paper is not None else '-'} |")
-        lines += ["", f"DD-Ranking scores at IPC {ipc} (points; LRS in %):", "",
-                  "| method | " + " | ".join(f"{STUDENT_NAMES[s]} IOR | HLR | LRS" for s in students) + " |",
-                  "|---|" + "---|---|---|" * len(students)]
+        lines += [
+            "",
+            f"DD-Ranking scores at IPC {ipc} (points; LRS in %):",
+            "",
+            "| method | " + " | ".join(f"{STUDENT_NAMES[s]} IOR | HLR | LRS" for s in students) + " |",
+            "|---|" + "---|---|---|" * len(students),
+        ]
         for method in METHODS:
             if not any((ipc, method, s) in rows for s in students):
                 continue
             cells = []
             for s in students:
                 row = rows.get((ipc, method, s), {})
-                cells += [f"{100 * row['ior']:+.2f}" if "ior" in row else "-",
-                          f"{100 * row['hlr']:.2f}" if "hlr" in row else "-",
-                          f"{100 * row['lrs']:.2f}" if "lrs" in row else "-"]
+                cells += [
+                    f"{100 * row['ior']:+.2f}" if "ior" in row else "-",
+                    f"{100 * row['hlr']:.2f}" if "hlr" in row else "-",
+                    f"{100 * row['lrs']:.2f}" if "lrs" in row else "-",
+                ]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += _provenance(records)
@@ -119,10 +137,15 @@ def _provenance(records: list[dict]) -> list[str]:
     commands = sorted({r.get("command", "?") for r in records})
     torch_versions = sorted({r.get("torch", "?") for r in records})
     evaluate_hours = sum(r.get("evaluate_seconds", 0) for r in records) / 3600
-    return ["## How these were made", "",
-            f"- {len(records)} evaluations; student training and testing took {evaluate_hours:.1f} h in all.",
-            "- Machines: " + "; ".join(devices) + ". torch " + ", ".join(torch_versions) + ".",
-            "- Commands:", *(f"  - `{c}`" for c in commands),
-            "- The paper column is not this protocol: published ResNet-18 students of ResNet-18 teachers "
-            "(about 95% on CIFAR-10) on GPUs, from the PSM paper's CIFAR-10 table (FADRM.md); ours are "
-            "small CPU teachers (ConvNet-64 at about 82%) and 300 student epochs.", ""]
+    return [
+        "## How these were made",
+        "",
+        f"- {len(records)} evaluations; student training and testing took {evaluate_hours:.1f} h in all.",
+        "- Machines: " + "; ".join(devices) + ". torch " + ", ".join(torch_versions) + ".",
+        "- Commands:",
+        *(f"  - `{c}`" for c in commands),
+        "- The paper column is not this protocol: published ResNet-18 students of ResNet-18 teachers "
+        "(about 95% on CIFAR-10) on GPUs, from the PSM paper's CIFAR-10 table (FADRM.md); ours are "
+        "small CPU teachers (ConvNet-64 at about 82%) and 300 student epochs.",
+        "",
+    ]

@@ -49,14 +49,23 @@ POINTS: dict[str, tuple[str, str, int]] = {
 
 def fadrm_run(out: Path) -> subprocess.Popen:
     exe = Path(sys.executable).parent / "fadrm"
-    return subprocess.Popen([str(exe), "run", "--local", "--no-track", "--preset", "tiny", "-S", f"out_dir={out}"],
-                            cwd=WORK, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "FADRM_PROGRESS": "0"})
+    return subprocess.Popen(
+        [str(exe), "run", "--local", "--no-track", "--preset", "tiny", "-S", f"out_dir={out}"],
+        cwd=WORK,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "FADRM_PROGRESS": "0"},
+    )
 
 
 def hashes(out: Path) -> dict[str, str]:
-    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for stage in STAGES for p in sorted((out / stage).rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for stage in STAGES
+        for p in sorted((out / stage).rglob("*"))
+        if p.is_file()
+    }
 
 
 def leftovers(out: Path) -> list[str]:
@@ -97,9 +106,15 @@ def kill_point(name: str, ref: Path) -> dict:
     if (out / "plots" / "squeeze_loss.json").is_file():
         squeeze_epochs = len(json.loads((out / "plots" / "squeeze_loss.json").read_text()))
     return {
-        "point": name, "stage": stage, "killed": True, "killed_after_s": round(time.time() - start, 1),
-        "left_by_kill": left, "resume_exit": resumed.returncode, "took_over": "took over from pid" in log,
-        "left_after_resume": leftovers(out), "identical_to_reference": same,
+        "point": name,
+        "stage": stage,
+        "killed": True,
+        "killed_after_s": round(time.time() - start, 1),
+        "left_by_kill": left,
+        "resume_exit": resumed.returncode,
+        "took_over": "took over from pid" in log,
+        "left_after_resume": leftovers(out),
+        "identical_to_reference": same,
         "squeeze_epochs_reported": squeeze_epochs,
     }
 
@@ -120,8 +135,11 @@ def main() -> None:
 
 
 def table(results: dict) -> str:
-    lines = ["| kill point | left by the kill | resume | took over the lock | left after resume | "
-             "stage folders identical to an unkilled run |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| kill point | left by the kill | resume | took over the lock | left after resume | "
+        "stage folders identical to an unkilled run |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in POINTS:
         r = results.get(name)
         if r is None:
@@ -129,9 +147,11 @@ def table(results: dict) -> str:
         if not r["killed"]:
             lines.append(f"| {name} | ({r['note']}) | | | | |")
             continue
-        lines.append(f"| {name} | {', '.join(r['left_by_kill']) or '-'} | exit {r['resume_exit']} | "
-                     f"{'yes' if r['took_over'] else 'no'} | {', '.join(r['left_after_resume']) or 'nothing'} | "
-                     f"{'yes' if r['identical_to_reference'] else '**no**'} |")
+        lines.append(
+            f"| {name} | {', '.join(r['left_by_kill']) or '-'} | exit {r['resume_exit']} | "
+            f"{'yes' if r['took_over'] else 'no'} | {', '.join(r['left_after_resume']) or 'nothing'} | "
+            f"{'yes' if r['identical_to_reference'] else '**no**'} |"
+        )
     return "\n".join(lines)
 
 

@@ -21,8 +21,10 @@ def image(rng: np.random.Generator, size: int) -> Image.Image:
     yy, xx = np.mgrid[0:size, 0:size] / size
     channels = []
     for _ in range(3):
-        field = sum(rng.uniform(0.2, 1) * np.sin(2 * np.pi * (rng.uniform(0, 4) * xx + rng.uniform(0, 4) * yy)
-                                                 + rng.uniform(0, 2 * np.pi)) for _ in range(4))
+        field = sum(
+            rng.uniform(0.2, 1) * np.sin(2 * np.pi * (rng.uniform(0, 4) * xx + rng.uniform(0, 4) * yy) + rng.uniform(0, 2 * np.pi))
+            for _ in range(4)
+        )
         channels.append(field)
     array = np.stack(channels, -1)
     array = (array - array.min()) / (np.ptp(array) + 1e-9) * 255

@@ -39,8 +39,11 @@ def run(name: str, overrides: list[str], results: dict) -> dict:
     cfg = load_config(None, "smoke", [f"out_dir={OUT / name.replace(' ', '-')}", "tracking.enabled=false", *overrides])
     start = time.perf_counter()
     summary = run_pipeline(cfg, force=True)
-    results[name] = {"overrides": overrides, "wall_seconds": round(time.perf_counter() - start, 1),
-                     **{k: summary.get(k) for k in METRICS}}
+    results[name] = {
+        "overrides": overrides,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        **{k: summary.get(k) for k in METRICS},
+    }
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({name: results[name]}), flush=True)
     return results[name]
@@ -63,17 +66,24 @@ def render(seeds: list[dict], broken: dict[str, dict]) -> None:
 
     lines = ["| run | teacher top-1 | student top-1 | recover PSNR (dB) | wall s |", "|---|---|---|---|---|"]
     for i, r in enumerate(seeds):
-        lines.append(f"| seed {i} | {fmt(r['teacher_top1'], 1)} | {fmt(r['student_top1'], 1)} | "
-                     f"{fmt(r['recover_psnr'], 0)} | {r['wall_seconds']} |")
+        lines.append(
+            f"| seed {i} | {fmt(r['teacher_top1'], 1)} | {fmt(r['student_top1'], 1)} | "
+            f"{fmt(r['recover_psnr'], 0)} | {r['wall_seconds']} |"
+        )
     stats = {}
     for key in METRICS:
         values = [r[key] for r in seeds]
         stats[key] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
-    lines.append("| **mean ± std** (n={}) | {} | {} | {} | |".format(
-        len(seeds), *(f"{fmt(m, k != 'recover_psnr')} ± {fmt(s, k != 'recover_psnr')}" for k, (m, s) in stats.items())))
+    lines.append(
+        "| **mean ± std** (n={}) | {} | {} | {} | |".format(
+            len(seeds), *(f"{fmt(m, k != 'recover_psnr')} ± {fmt(s, k != 'recover_psnr')}" for k, (m, s) in stats.items())
+        )
+    )
     for name, r in broken.items():
-        lines.append(f"| broken: {name} (`{' '.join(r['overrides'])}`) | {fmt(r['teacher_top1'], 1)} | "
-                     f"{fmt(r['student_top1'], 1)} | {fmt(r['recover_psnr'], 0)} | {r['wall_seconds']} |")
+        lines.append(
+            f"| broken: {name} (`{' '.join(r['overrides'])}`) | {fmt(r['teacher_top1'], 1)} | "
+            f"{fmt(r['student_top1'], 1)} | {fmt(r['recover_psnr'], 0)} | {r['wall_seconds']} |"
+        )
     readme = ROOT / "benchmarks" / "baselines" / "README.md"
     text = readme.read_text() if readme.is_file() else ""
     start, end = "<!-- seeds:start -->", "<!-- seeds:end -->"

@@ -99,9 +99,7 @@ class Views:
         return (self.mix[positions, 2] * self.mix[positions, 3]) / float(out * out)
 
 
-def sample_views(
-    num_images: int, size: int, out: int, seed: int, epoch: int, batch_size: int, scale, cutmix: bool
-) -> Views:
+def sample_views(num_images: int, size: int, out: int, seed: int, epoch: int, batch_size: int, scale, cutmix: bool) -> Views:
     """Epoch ``epoch``'s views of ``num_images`` images, a pure function of its arguments."""
     rng = np.random.default_rng([seed, epoch, 0x5EED])
     index = rng.permutation(num_images)

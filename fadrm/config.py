@@ -33,8 +33,9 @@ Pair = tuple[float, float]
 def _crop_scale(value: Pair) -> Pair:
     low, high = value
     if not 0 < low <= high <= 1:
-        raise ValueError(f"a crop scale is (smallest, largest) share of the image with 0 < smallest <= largest <= 1, "
-                         f"got ({low}, {high})")
+        raise ValueError(
+            f"a crop scale is (smallest, largest) share of the image with 0 < smallest <= largest <= 1, got ({low}, {high})"
+        )
     return value
 
 
@@ -63,8 +64,8 @@ class DataConfig(Section):
     source: Literal["builtin", "imagefolder", "tar", "torchvision"] = "builtin"
     path: str | None = Field(None, description="ImageFolder root, archive, or torchvision root")
     name: str | None = Field(
-        None, description="dataset facts key (fadrm.data.facts) or a free name; None: cifar10 for builtin, "
-        "else the folder or archive name"
+        None,
+        description="dataset facts key (fadrm.data.facts) or a free name; None: cifar10 for builtin, else the folder or archive name",
     )
     test_split: Literal["auto", "val", "test"] = "auto"
     resolution: int | None = Field(
@@ -87,9 +88,7 @@ class TeacherConfig(Section):
     """One teacher: an architecture and where its weights come from."""
 
     arch: ArchName = "convnet"
-    weights: str | None = Field(
-        None, description="None: train it; 'pretrained': timm weights (network); else a file path"
-    )
+    weights: str | None = Field(None, description="None: train it; 'pretrained': timm weights (network); else a file path")
 
 
 class SqueezeConfig(Section):
@@ -140,8 +139,9 @@ class RecoverConfig(Section):
     lr: float = Field(0.05, gt=0, description="paper: 0.25; 0.05 keeps the real patch at 32 px (FADRM.md)")
     alpha: float = Field(0.5, ge=0, le=1, description="residual merge weight of the optimised image")
     anchor: Literal["init", "nearest"] = Field(
-        "init", description="what a merge pulls towards: the image's own real patch (FADRM), or the real patch of its "
-        "class nearest to it at that stage (re-chosen anchors, as RETA)"
+        "init",
+        description="what a merge pulls towards: the image's own real patch (FADRM), or the real patch of its "
+        "class nearest to it at that stage (re-chosen anchors, as RETA)",
     )
     ce_weight: float = Field(1.0, ge=0)
     bn_weight: float = Field(0.01, ge=0, description="lambda_bn")
@@ -172,11 +172,10 @@ class RelabelConfig(Section):
 
     mode: Literal["stored", "online"] = "stored"
     epochs: int = Field(200, ge=1, description="epochs of views (evaluation cycles through them)")
-    batch_size: int = Field(
-        10, ge=1, description="views CutMix-ed together (one box per group): best equal to evaluate.batch_size"
+    batch_size: int = Field(10, ge=1, description="views CutMix-ed together (one box per group): best equal to evaluate.batch_size")
+    crop_scale: CropScale | None = Field(
+        None, description="views' random-resized-crop scale; None: (0.25, 1) up to 64 px, else (0.08, 1)"
     )
-    crop_scale: CropScale | None = Field(None, description="views' random-resized-crop scale; None: (0.25, 1) up to 64 px, "
-                                    "else (0.08, 1)")
     cutmix: bool = True
     top_k: int | None = Field(
         None, ge=1, description="stored mode: keep the k largest logits per view (+ one fill value); None: all, fp16"
@@ -246,8 +245,7 @@ class Config(Section):
         if source in ("imagefolder", "tar") and not path:
             raise ValueError(f"data.path is required when data.source is '{source}'")
         if source == "torchvision" and self.data.name not in ("cifar10", "cifar100"):
-            raise ValueError(f"data.name must be cifar10 or cifar100 when data.source is 'torchvision' "
-                             f"(got {self.data.name!r})")
+            raise ValueError(f"data.name must be cifar10 or cifar100 when data.source is 'torchvision' (got {self.data.name!r})")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -274,8 +272,18 @@ class Config(Section):
 # from this one table (`fadrm dvc-yaml` writes them; a test fails when they drift). `preset` is
 # listed because DVC cannot see what a preset named in params.yaml sets.
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    "prepare": ("preset", "data.source", "data.path", "data.name", "data.test_split", "data.resolution",
-                "data.cache", "data.download", "data.train_per_class", "data.test_per_class"),
+    "prepare": (
+        "preset",
+        "data.source",
+        "data.path",
+        "data.name",
+        "data.test_split",
+        "data.resolution",
+        "data.cache",
+        "data.download",
+        "data.train_per_class",
+        "data.test_per_class",
+    ),
     "squeeze": ("preset", "seed", "squeeze"),
     "select": ("preset", "seed", "method", "ipc", "select"),
     "recover": ("preset", "seed", "method", "recover"),

@@ -52,9 +52,7 @@ def to_uint8(x01: torch.Tensor) -> torch.Tensor:
     return (x01.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
-def grid_by_class(
-    path: Path, classes: list[str], groups: list[tuple[str, torch.Tensor, np.ndarray]], max_classes: int = 20
-) -> Path:
+def grid_by_class(path: Path, classes: list[str], groups: list[tuple[str, torch.Tensor, np.ndarray]], max_classes: int = 20) -> Path:
     """A per-class grid with one column group per (title, uint8 images, labels)."""
     rows = []
     for label, name in enumerate(classes[:max_classes]):

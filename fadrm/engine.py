@@ -40,7 +40,9 @@ def warmup_cosine(step: int, total: int, warmup: int = 0, final_fraction: float 
 
 @torch.no_grad()
 def accuracy(
-    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], precision: str = "fp32",
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    precision: str = "fp32",
     who: str | None = None,
 ) -> tuple[float, float]:
     """Top-1 and top-5 accuracy (fractions) of ``model`` over ``batches``.
@@ -55,8 +57,7 @@ def accuracy(
         with autocast(x.device, precision):
             logits = model(x)
         if who is not None and not torch.isfinite(logits).all():
-            raise DivergenceError(f"{who}: the trained model's outputs on the test split are not finite; "
-                                  "its training diverged")
+            raise DivergenceError(f"{who}: the trained model's outputs on the test split are not finite; its training diverged")
         top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
         hits = top.eq(y.view(-1, 1))
         correct1 += int(hits[:, 0].sum())

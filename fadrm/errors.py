@@ -89,8 +89,10 @@ def storage_problem(exc: BaseException, where: str, root: Path) -> StorageError 
     except OSError:
         return None
     if free < LOW_SPACE_BYTES:
-        return StorageError(f"{where}: writing under {root} failed ({type(exc).__name__}: {exc}) with "
-                            f"{free} bytes left on its disk; {_STORAGE_HINTS[errno.ENOSPC]}")
+        return StorageError(
+            f"{where}: writing under {root} failed ({type(exc).__name__}: {exc}) with "
+            f"{free} bytes left on its disk; {_STORAGE_HINTS[errno.ENOSPC]}"
+        )
     return None
 
 

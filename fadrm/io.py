@@ -140,9 +140,10 @@ class HashCache:
         key = str(path.resolve())
         db = self._conn()
         if db is not None:
-            row = self._pending.get(key) or db.execute(
-                "SELECT size, mtime, ctime, recorded, sha256 FROM hashes WHERE path = ?", (key,)
-            ).fetchone()
+            row = (
+                self._pending.get(key)
+                or db.execute("SELECT size, mtime, ctime, recorded, sha256 FROM hashes WHERE path = ?", (key,)).fetchone()
+            )
             if row is not None:
                 size, mtime, ctime, recorded, digest = row
                 settled = max(st.st_mtime_ns, st.st_ctime_ns) / 1e9 < recorded - RACY_SECONDS
@@ -167,8 +168,9 @@ class HashCache:
             return
         try:
             with db:
-                db.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?, ?)",
-                               [(key, *row) for key, row in self._pending.items()])
+                db.executemany(
+                    "INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?, ?)", [(key, *row) for key, row in self._pending.items()]
+                )
         except sqlite3.Error:
             pass  # a cache that cannot be written only costs time
         self._pending = {}

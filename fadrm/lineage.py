@@ -34,8 +34,7 @@ MAX_LISTED_SOURCES = 1000  # input files listed one by one in stage.json (beyond
 
 def manifest_of(folder: Path, cache: HashCache) -> dict[str, list]:
     """``{relative path: [size, sha256]}`` of every file in a stage folder but its record."""
-    return {rel: [(folder / rel).stat().st_size, cache.sha256(folder / rel)]
-            for rel in tree_files(folder, skip=(STAGE_RECORD,))}
+    return {rel: [(folder / rel).stat().st_size, cache.sha256(folder / rel)] for rel in tree_files(folder, skip=(STAGE_RECORD,))}
 
 
 def manifest_digest(files: dict[str, list]) -> str:

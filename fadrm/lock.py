@@ -74,8 +74,7 @@ def process_alive(pid: int, token: str | None = None) -> bool:
 def holder_text(info: dict[str, Any] | None) -> str:
     if not info:
         return "another process (it has not written its details yet)"
-    return (f"pid {info.get('pid')} on host {info.get('host')}, started {info.get('started')}"
-            f" ({info.get('command', '?')})")
+    return f"pid {info.get('pid')} on host {info.get('host')}, started {info.get('started')} ({info.get('command', '?')})"
 
 
 def _read(fh) -> dict[str, Any] | None:

@@ -28,8 +28,9 @@ class BNStatsLoss:
         dims = [0, *range(2, x.ndim)]
         mean = x.mean(dims)
         var = x.var(dims, unbiased=False)
-        self._terms.append(torch.linalg.vector_norm(mean - module.running_mean, 2)
-                           + torch.linalg.vector_norm(var - module.running_var, 2))
+        self._terms.append(
+            torch.linalg.vector_norm(mean - module.running_mean, 2) + torch.linalg.vector_norm(var - module.running_var, 2)
+        )
 
     def pop(self) -> torch.Tensor | None:
         """The weighted loss of the last forward pass (None without BN layers)."""

@@ -83,11 +83,13 @@ def check_epoch_loss(loss: float, num_classes: int, where: str, at: str, hint: s
     if not math.isfinite(loss):
         raise DivergenceError(f"{where}: training loss became {loss} by {at}; {hint}")
     if loss > EXPLODED * guess:
-        raise DivergenceError(f"{where}: training loss exploded to {loss:.4g} by {at} (a uniform guess scores "
-                              f"ln {num_classes} = {guess:.2f}); {hint}")
+        raise DivergenceError(
+            f"{where}: training loss exploded to {loss:.4g} by {at} (a uniform guess scores ln {num_classes} = {guess:.2f}); {hint}"
+        )
     if final and loss > WORSE_THAN_GUESSING * guess:
-        raise DivergenceError(f"{where}: training ended with loss {loss:.4g}, worse than a uniform guess "
-                              f"(ln {num_classes} = {guess:.2f}); {hint}")
+        raise DivergenceError(
+            f"{where}: training ended with loss {loss:.4g}, worse than a uniform guess (ln {num_classes} = {guess:.2f}); {hint}"
+        )
 
 
 def saturated_share(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> float:

@@ -51,6 +51,7 @@ SHARDED: dict[str, Callable[[Config, Shard], dict]] = {"select": select_shard, "
 def stages_until(until: str | None) -> tuple[str, ...]:
     return STAGE_ORDER if until is None else STAGE_ORDER[: STAGE_ORDER.index(until) + 1]
 
+
 # How one stage is executed: called with the stage's name and a function that runs it (its
 # tracker scope included) and returns the stage metrics.
 StageExecutor = Callable[[str, Callable[[], dict]], dict]
@@ -123,8 +124,7 @@ def summary_table(summary: dict[str, Any]) -> str:
     for name, stage in summary.get("stages", {}).items():
         rate = stage.get("flops_per_s")
         lines.append(
-            f"{name:<10}{stage.get('seconds', 0):>10.1f}{stage.get('peak_mem_mb', 0):>10.0f}"
-            f"{(rate / 1e9 if rate else 0):>10.1f}"
+            f"{name:<10}{stage.get('seconds', 0):>10.1f}{stage.get('peak_mem_mb', 0):>10.0f}{(rate / 1e9 if rate else 0):>10.1f}"
         )
     lines.append(f"{'total':<10}{summary.get('total_seconds', 0):>10.1f}")
     return "\n".join(lines)

@@ -25,8 +25,16 @@ def enabled() -> bool:
 class LogLines:
     """A progress report for logs: ``desc: done/total unit (pct%), elapsed [postfix]`` lines."""
 
-    def __init__(self, total: int, desc: str, unit: str = "it", initial: int = 0, interval: float = LOG_INTERVAL,
-                 stream=None, disable: bool = False):
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        unit: str = "it",
+        initial: int = 0,
+        interval: float = LOG_INTERVAL,
+        stream=None,
+        disable: bool = False,
+    ):
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
         self.interval, self.disable = interval, disable
         self.stream = stream or sys.stderr
@@ -59,5 +67,14 @@ def bar(total: int, desc: str, unit: str = "it", initial: int = 0) -> tqdm | Log
     """A tqdm bar on a terminal, plain log lines elsewhere; silent with ``FADRM_PROGRESS=0``."""
     if not sys.stderr.isatty():
         return LogLines(total, desc, unit, initial, disable=not enabled())
-    return tqdm(total=total, desc=desc, unit=unit, initial=initial, disable=not enabled(), mininterval=0.2,
-                dynamic_ncols=True, leave=True, file=sys.stderr)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        initial=initial,
+        disable=not enabled(),
+        mininterval=0.2,
+        dynamic_ncols=True,
+        leave=True,
+        file=sys.stderr,
+    )

@@ -58,7 +58,10 @@ class Verdict:
 
 
 def check(
-    metrics: dict[str, Any], baseline: dict[str, Any], tolerances: dict[str, float], params: dict[str, Any],
+    metrics: dict[str, Any],
+    baseline: dict[str, Any],
+    tolerances: dict[str, float],
+    params: dict[str, Any],
     baseline_source: str = "",
 ) -> Verdict:
     """Compare ``metrics`` to ``baseline['metrics']``: a metric fails if it dropped by more than
@@ -77,11 +80,7 @@ def param_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tu
     """Flattened params whose values differ (tracking/regression/output settings ignored)."""
     a, b = flatten(before), flatten(after)
     keys = sorted(set(a) | set(b))
-    return {
-        k: (a.get(k), b.get(k))
-        for k in keys
-        if not k.startswith(IGNORED_PARAMS) and _canonical(a.get(k)) != _canonical(b.get(k))
-    }
+    return {k: (a.get(k), b.get(k)) for k in keys if not k.startswith(IGNORED_PARAMS) and _canonical(a.get(k)) != _canonical(b.get(k))}
 
 
 def _canonical(value: Any) -> str:
@@ -115,15 +114,23 @@ def write_baseline(path: Path, metrics: dict[str, Any], params: dict[str, Any], 
 def report_markdown(verdict: Verdict, title: str = "Regression check") -> str:
     """The verdict as Markdown (Prefect artifact, MLflow artifact, terminal)."""
     status = "PASSED" if verdict.passed else "FAILED"
-    lines = [f"# {title}: {status}", "", f"Baseline: `{verdict.baseline_source}`", "",
-             "| metric | baseline | current | change | allowed drop | |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# {title}: {status}",
+        "",
+        f"Baseline: `{verdict.baseline_source}`",
+        "",
+        "| metric | baseline | current | change | allowed drop | |",
+        "|---|---|---|---|---|---|",
+    ]
 
     def fmt(value):
         return "-" if value is None else f"{value:.4f}"
 
     for c in verdict.checks:
-        lines.append(f"| {c.metric} | {fmt(c.baseline)} | {fmt(c.current)} | {fmt(c.change)} | {c.tolerance:.4f} | "
-                     f"{'ok' if c.passed else '**regressed**'} |")
+        lines.append(
+            f"| {c.metric} | {fmt(c.baseline)} | {fmt(c.current)} | {fmt(c.change)} | {c.tolerance:.4f} | "
+            f"{'ok' if c.passed else '**regressed**'} |"
+        )
     lines += ["", "Params changed since the baseline:" if verdict.changed_params else "No params changed since the baseline."]
     for key, (old, new) in verdict.changed_params.items():
         lines.append(f"- `{key}`: {old} -> {new}")

@@ -32,7 +32,14 @@ from fadrm.tracker import NULL_TRACKER, Tracker, flatten
 from fadrm.visualize import bar_plot
 
 __all__ = [
-    "STAGE_INPUTS", "STAGE_ORDER", "Layout", "StageRun", "is_current", "require", "stage_fingerprint", "stage_run",
+    "STAGE_INPUTS",
+    "STAGE_ORDER",
+    "Layout",
+    "StageRun",
+    "is_current",
+    "require",
+    "stage_fingerprint",
+    "stage_run",
     "summarize",
 ]
 
@@ -98,7 +105,7 @@ def stage_run(name: str, cfg: Config, tracker: Tracker = NULL_TRACKER) -> Iterat
     layout = Layout.of(cfg)
     Lineage(cfg, layout).input_digests(name)  # refuse missing/damaged inputs before creating anything
     main = distributed.is_main()  # torchrun helpers share rank 0's lock and publish nothing
-    with storage_errors(name, layout.root), (hold(layout) if main else contextlib.nullcontext()):
+    with storage_errors(name, layout.root), hold(layout) if main else contextlib.nullcontext():
         cache = HashCache(layout.hash_cache if main else None)
         lineage = Lineage(cfg, layout, cache)
         inputs = lineage.input_digests(name)
@@ -120,8 +127,14 @@ def stage_run(name: str, cfg: Config, tracker: Tracker = NULL_TRACKER) -> Iterat
                 record = planned or lineage.expected(name, inputs, lineage.sources(name))
                 (tmp / "config.yaml").write_text(dump_yaml(params))
                 files = manifest_of(tmp, HashCache(None))
-                record = {"stage": name, **record, "files": files, "digest": manifest_digest(files),
-                          "device": device.type, "fadrm": __version__}
+                record = {
+                    "stage": name,
+                    **record,
+                    "files": files,
+                    "digest": manifest_digest(files),
+                    "device": device.type,
+                    "fadrm": __version__,
+                }
                 write_json(tmp / STAGE_RECORD, record)
         if not main:
             return
@@ -165,8 +178,7 @@ def summarize(layout: Layout) -> dict[str, Any]:
         "relabel_bytes_per_image_epoch": get("relabel", "bytes_per_image_epoch"),
         "total_seconds": round(sum(s.get("seconds", 0.0) for s in stages.values()), 3),
         "stages": {
-            name: {k: s.get(k) for k in ("seconds", "peak_mem_mb", "flops", "flops_per_s") if k in s}
-            for name, s in stages.items()
+            name: {k: s.get(k) for k in ("seconds", "peak_mem_mb", "flops", "flops_per_s") if k in s} for name, s in stages.items()
         },
     }
     write_json(layout.summary, summary)
@@ -174,8 +186,7 @@ def summarize(layout: Layout) -> dict[str, Any]:
     rows = [{"stage": n, **{k: v for k, v in s.items() if k in ("seconds", "peak_mem_mb")}} for n, s in summary["stages"].items()]
     write_json(layout.plot("efficiency"), rows)
     if rows:
-        bar_plot(rows, "stage", "seconds", layout.root / "efficiency.png", "time per stage", xlabel="seconds (log scale)",
-                 log=True)
+        bar_plot(rows, "stage", "seconds", layout.root / "efficiency.png", "time per stage", xlabel="seconds (log scale)", log=True)
     return summary
 
 

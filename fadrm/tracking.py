@@ -64,7 +64,8 @@ def close_dead_runs(client, experiment_id: str) -> list[str]:
     closed = []
     host = socket.gethostname().replace("'", "")
     for run in client.search_runs(
-        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
         max_results=1000,
     ):
         tags = run.data.tags
@@ -75,9 +76,11 @@ def close_dead_runs(client, experiment_id: str) -> list[str]:
         token = tags.get(TOKEN_TAG)
         if process_alive(pid, None if token in (None, "None") else token):
             continue
-        client.set_tag(run.info.run_id, "fadrm.error",
-                       f"process {pid} on {host} ended without closing this run (killed or crashed); "
-                       "marked KILLED by the next run")
+        client.set_tag(
+            run.info.run_id,
+            "fadrm.error",
+            f"process {pid} on {host} ended without closing this run (killed or crashed); marked KILLED by the next run",
+        )
         client.set_terminated(run.info.run_id, "KILLED")
         closed.append(run.info.run_id)
     return closed
@@ -268,7 +271,9 @@ def _parent_for(client, experiment_id: str, cfg: Config, stage: str | None, run_
     key = pipeline_key(cfg, commit)
     if stage is not None:
         for run in client.search_runs(
-            [experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", order_by=["attributes.start_time DESC"],
+            [experiment_id],
+            filter_string=f"tags.`{KEY_TAG}` = '{key}'",
+            order_by=["attributes.start_time DESC"],
             max_results=1,
         ):
             children = client.search_runs(
@@ -281,8 +286,7 @@ def _parent_for(client, experiment_id: str, cfg: Config, stage: str | None, run_
                 for tag, value in owner_tags().items():  # this process owns it now
                     client.set_tag(run.info.run_id, tag, value)
                 return run.info.run_id
-    tags = {KEY_TAG: key, KIND_TAG: "pipeline", "fadrm.method": cfg.method, "fadrm.preset": str(cfg.preset),
-            **owner_tags()}
+    tags = {KEY_TAG: key, KIND_TAG: "pipeline", "fadrm.method": cfg.method, "fadrm.preset": str(cfg.preset), **owner_tags()}
     if commit:
         tags["mlflow.source.git.commit"] = commit
     if Path("dvc.lock").is_file():
@@ -322,8 +326,7 @@ def record_lineage(tracker: MlflowTracker, cfg: Config, since: float) -> None:
         tracker.log_artifact(recovered, "lineage/synthetic")
     if layout.summary.is_file() and layout.summary.stat().st_mtime >= since:
         summary = read_json(layout.summary)
-        tracker.log_metrics({k: v for k, v in flatten(summary).items() if isinstance(v, (int, float))
-                             and not isinstance(v, bool)})
+        tracker.log_metrics({k: v for k, v in flatten(summary).items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         tracker.log_artifact(layout.summary)
     for name in ("efficiency", "evaluate_accuracy", "recover_loss"):
         tracker.log_artifact(layout.plot(name), "plots")
@@ -347,8 +350,10 @@ def find_runs(client, experiment_id: str, refs: list[str], latest: int = 10) -> 
     """
     if not refs:
         return client.search_runs(
-            [experiment_id], filter_string=f"tags.`{KIND_TAG}` = 'pipeline'",
-            order_by=["attributes.start_time DESC"], max_results=latest,
+            [experiment_id],
+            filter_string=f"tags.`{KIND_TAG}` = 'pipeline'",
+            order_by=["attributes.start_time DESC"],
+            max_results=latest,
         )
     return [_find_run(client, experiment_id, ref) for ref in refs]
 
@@ -362,16 +367,25 @@ def _find_run(client, experiment_id: str, ref: str):
         with contextlib.suppress(MlflowException):
             return client.get_run(ref)
     if ref and all(c in "0123456789abcdef" for c in ref.lower()):
-        by_id = client.search_runs([experiment_id], filter_string=f"attributes.run_id LIKE '{ref.lower()}%'",
-                                   order_by=["attributes.start_time DESC"], max_results=AMBIGUOUS_SHOWN + 1)
-    found = by_id or client.search_runs([experiment_id], filter_string=f"attributes.run_name = '{quoted}'",
-                                        order_by=["attributes.start_time DESC"], max_results=AMBIGUOUS_SHOWN + 1)
+        by_id = client.search_runs(
+            [experiment_id],
+            filter_string=f"attributes.run_id LIKE '{ref.lower()}%'",
+            order_by=["attributes.start_time DESC"],
+            max_results=AMBIGUOUS_SHOWN + 1,
+        )
+    found = by_id or client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.run_name = '{quoted}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=AMBIGUOUS_SHOWN + 1,
+    )
     if not found:
         raise TrackingError(f"no MLflow run with id, id prefix or name '{ref}' in experiment {experiment_id}")
     if len(found) > 1:
         what = "id prefix" if by_id else "name"
-        listed = "\n".join(f"  {r.info.run_id[:12]}  {r.info.run_name}  {r.info.status}  {_started(r)}"
-                           for r in found[:AMBIGUOUS_SHOWN])
+        listed = "\n".join(
+            f"  {r.info.run_id[:12]}  {r.info.run_name}  {r.info.status}  {_started(r)}" for r in found[:AMBIGUOUS_SHOWN]
+        )
         more = "\n  ..." if len(found) > AMBIGUOUS_SHOWN else ""
         raise TrackingError(f"{what} '{ref}' matches more than one run; name one by its id (any unique prefix):\n{listed}{more}")
     return found[0]
@@ -402,8 +416,13 @@ def comparison(runs: list, all_params: bool = False) -> dict[str, Any]:
     efficiency = sorted((k for k in metric_keys if k.startswith(EFFICIENCY_METRICS)), key=_rank(EFFICIENCY_METRICS))
     other = sorted(metric_keys - set(headline) - set(efficiency))
     metrics = lambda keys: {k: [r.data.metrics.get(k) for r in runs] for k in keys}  # noqa: E731
-    return {"runs": columns, "accuracy": metrics(headline), "params": params,
-            "efficiency": metrics(efficiency), "metrics": metrics(other)}
+    return {
+        "runs": columns,
+        "accuracy": metrics(headline),
+        "params": params,
+        "efficiency": metrics(efficiency),
+        "metrics": metrics(other),
+    }
 
 
 def _rank(prefixes: tuple[str, ...]):
@@ -447,8 +466,9 @@ def load_baseline(cfg: Config, ref: str) -> tuple[dict[str, Any], str]:
     client, experiment_id = connect(cfg)
     name = ref.removeprefix("mlflow:")
     if name == "tagged":
-        found = client.search_runs([experiment_id], filter_string=f"tags.`{BASELINE_TAG}` = 'true'",
-                                   order_by=["attributes.start_time DESC"], max_results=1)
+        found = client.search_runs(
+            [experiment_id], filter_string=f"tags.`{BASELINE_TAG}` = 'true'", order_by=["attributes.start_time DESC"], max_results=1
+        )
         if not found:
             raise TrackingError(f"no MLflow run tagged {BASELINE_TAG}=true in '{cfg.tracking.experiment}'")
         run = found[0]
@@ -480,8 +500,9 @@ def record_verdict(cfg: Config, run_id: str, verdict, report: str) -> None:
     """Tag the pipeline run with the verdict and attach the report."""
     client, experiment_id = connect(cfg)
     tracker = MlflowTracker(client, experiment_id, run_id)
-    tracker.set_tags({"fadrm.regression": "passed" if verdict.passed else "failed",
-                      "fadrm.regression.baseline": verdict.baseline_source})
+    tracker.set_tags(
+        {"fadrm.regression": "passed" if verdict.passed else "failed", "fadrm.regression.baseline": verdict.baseline_source}
+    )
     tracker.log_metrics({f"regression.{c.metric}.change": c.change for c in verdict.checks if c.change is not None})
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "regression.md").write_text(report)

@@ -44,8 +44,14 @@ def class_grid(
 
 # How a column of a curve is named in a legend.
 SERIES_NAMES = {
-    "top1": "top-1", "top5": "top-5", "test_top1": "test top-1", "train_loss": "training loss",
-    "loss": "total", "ce": "cross-entropy", "bn": "BN statistics (weighted)", "seconds": "seconds",
+    "top1": "top-1",
+    "top5": "top-5",
+    "test_top1": "test top-1",
+    "train_loss": "training loss",
+    "loss": "total",
+    "ce": "cross-entropy",
+    "bn": "BN statistics (weighted)",
+    "seconds": "seconds",
 }
 
 
@@ -82,14 +88,14 @@ def _style(ax, axis: Axis) -> None:
         ax.yaxis.set_major_formatter(PercentFormatter(100))
 
 
-def line_plot(rows: list[dict], x: str, axis: Axis, path: Path, title: str, *, xlabel: str,
-              right: Axis | None = None, group: str | None = None) -> Path:
+def line_plot(
+    rows: list[dict], x: str, axis: Axis, path: Path, title: str, *, xlabel: str, right: Axis | None = None, group: str | None = None
+) -> Path:
     """Save :func:`line_figure` as a PNG at ``path``."""
     return _save(line_figure(rows, x, axis, title, xlabel=xlabel, right=right, group=group), path)
 
 
-def line_figure(rows: list[dict], x: str, axis: Axis, title: str, *, xlabel: str, right: Axis | None = None,
-                group: str | None = None):
+def line_figure(rows: list[dict], x: str, axis: Axis, title: str, *, xlabel: str, right: Axis | None = None, group: str | None = None):
     """A line chart of ``axis.columns`` against ``x`` (one line per ``group`` value if given);
     ``right``: more columns on a second y axis with their own unit (e.g. accuracy beside a loss)."""
     plt = _pyplot()
@@ -105,13 +111,11 @@ def line_figure(rows: list[dict], x: str, axis: Axis, title: str, *, xlabel: str
         for g in groups:
             subset = [r for r in rows if group is None or r.get(group) == g]
             for column in spec.columns:
-                points = [(r[x], 100 * r[column] if spec.percent else r[column]) for r in subset
-                          if r.get(column) is not None]
+                points = [(r[x], 100 * r[column] if spec.percent else r[column]) for r in subset if r.get(column) is not None]
                 if points:
                     name = SERIES_NAMES.get(column, column) + ("" if g is None else f" ({g})")
                     style = "--" if target is not ax else "-"
-                    handles += target.plot(*zip(*points), style, label=name, marker="o" if len(points) < 30 else None,
-                                           markersize=3)
+                    handles += target.plot(*zip(*points), style, label=name, marker="o" if len(points) < 30 else None, markersize=3)
         _style(target, spec)
     ax.set_xlabel(xlabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and iterations are whole numbers

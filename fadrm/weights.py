@@ -46,9 +46,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if "Weights only load failed" in text:  # torch's own advice (weights_only=False) would run the pickle
             found = [line.strip() for line in text.splitlines() if "Unsupported" in line or "global" in line.lower()]
             why = found[0] if found else "it holds Python objects besides tensors"
-            raise WeightsError(f"{path}: cannot load weights safely: the file is a pickle that would run code "
-                               f"({why}); fadrm never unpickles such files — save the model's state_dict as "
-                               ".safetensors") from None
+            raise WeightsError(
+                f"{path}: cannot load weights safely: the file is a pickle that would run code "
+                f"({why}); fadrm never unpickles such files — save the model's state_dict as "
+                ".safetensors"
+            ) from None
         raise WeightsError(f"{path}: cannot load weights safely ({text.splitlines()[0] if text else type(exc).__name__})") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

@@ -56,14 +56,22 @@ def _deploy(entry: str, name: str, pool: str, parameters: dict, devices: str | N
     return str(deployment_id)
 
 
-def deploy_distill(pool: str = "gpu", name: str = "gpu", parameters: dict | None = None,
-                   devices: str | None = "0", root: Path = PROJECT_ROOT) -> str:
+def deploy_distill(
+    pool: str = "gpu", name: str = "gpu", parameters: dict | None = None, devices: str | None = "0", root: Path = PROJECT_ROOT
+) -> str:
     """Deploy the distillation flow to ``pool``; returns the deployment id."""
     return _deploy(DISTILL_ENTRY, name, pool, parameters or {}, devices, root)
 
 
-def deploy_regression(cron: str, pool: str = "gpu", name: str = "nightly", parameters: dict | None = None,
-                      devices: str | None = "0", root: Path = PROJECT_ROOT, timezone: str = "UTC") -> str:
+def deploy_regression(
+    cron: str,
+    pool: str = "gpu",
+    name: str = "nightly",
+    parameters: dict | None = None,
+    devices: str | None = "0",
+    root: Path = PROJECT_ROOT,
+    timezone: str = "UTC",
+) -> str:
     """Deploy the regression flow with a cron schedule; returns the deployment id.
 
     At most one check runs at a time: they share ``outputs/regression``, and a tick that comes
@@ -73,5 +81,13 @@ def deploy_regression(cron: str, pool: str = "gpu", name: str = "nightly", param
     from prefect.schedules import Cron
 
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
-    return _deploy(REGRESSION_ENTRY, name, pool, parameters or {}, devices, root,
-                   schedule=Cron(cron, timezone=timezone), concurrency_limit=one_at_a_time)
+    return _deploy(
+        REGRESSION_ENTRY,
+        name,
+        pool,
+        parameters or {},
+        devices,
+        root,
+        schedule=Cron(cron, timezone=timezone),
+        concurrency_limit=one_at_a_time,
+    )

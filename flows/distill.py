@@ -78,16 +78,18 @@ def report(cfg: Config, summary: dict[str, Any]) -> None:
     """The run summary as Prefect artifacts: a Markdown table and the time/memory per stage."""
     run_id = summary.get("mlflow_run_id")
     link = mlflow_run_link(cfg, run_id) if run_id else "tracking was off"
-    markdown = "\n".join([
-        f"# fadrm: {cfg.method}, IPC {cfg.ipc}, preset {cfg.preset or '(params.yaml)'}",
-        "",
-        "```",
-        summary_table(summary),
-        "```",
-        "",
-        f"MLflow run: {link}",
-        f"Outputs: `{cfg.out_dir}`",
-    ])
+    markdown = "\n".join(
+        [
+            f"# fadrm: {cfg.method}, IPC {cfg.ipc}, preset {cfg.preset or '(params.yaml)'}",
+            "",
+            "```",
+            summary_table(summary),
+            "```",
+            "",
+            f"MLflow run: {link}",
+            f"Outputs: `{cfg.out_dir}`",
+        ]
+    )
     create_markdown_artifact(markdown, key="fadrm-summary", description="fadrm run summary")
     rows = [{"stage": n, **s} for n, s in summary.get("stages", {}).items()]
     if rows:

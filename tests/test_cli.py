@@ -144,11 +144,9 @@ def test_check_local_passes_on_the_baseline_and_exits_1_on_a_regression(tmp_path
     assert passed.exit_code == 0, passed.output
     assert "teacher_top1" in passed.output
     client = MlflowClient(tracking_uri=uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("fadrm").experiment_id],
-                                filter_string="tags.`fadrm.kind` = 'pipeline'")
+    (run,) = client.search_runs([client.get_experiment_by_name("fadrm").experiment_id], filter_string="tags.`fadrm.kind` = 'pipeline'")
     assert run.data.tags["fadrm.regression"] == "passed" and run.data.tags["fadrm.regression.baseline"] == baseline
     assert "regression/regression.md" in [a.path for a in client.list_artifacts(run.info.run_id, "regression")]
-    failed = runner.invoke(app, ["check", "--local", "--no-track", "--baseline", baseline,
-                                 "-S", "squeeze.lr=0.000001"])
+    failed = runner.invoke(app, ["check", "--local", "--no-track", "--baseline", baseline, "-S", "squeeze.lr=0.000001"])
     assert failed.exit_code == 1, failed.output
     assert "regression against" in failed.output

@@ -47,8 +47,15 @@ def test_prepare_is_deterministic_and_subsets(tmp_path):
 
 def test_imagefolder_with_val_split(builtin_tree, tmp_path):
     root = make_tree(builtin_tree, tmp_path / "folder", ["cat", "dog"], 6, 3, test_name="val")
-    data, metrics = _prepare(tmp_path, "data.source=imagefolder", f"data.path={root}", "data.name=pets",
-                             "data.resolution=32", "data.train_per_class=null", "data.test_per_class=null")
+    data, metrics = _prepare(
+        tmp_path,
+        "data.source=imagefolder",
+        f"data.path={root}",
+        "data.name=pets",
+        "data.resolution=32",
+        "data.train_per_class=null",
+        "data.test_per_class=null",
+    )
     assert data.classes == ["cat", "dog"]
     assert metrics["train_images"] == 12 and metrics["test_images"] == 6
     assert data.manifest["test_folder"] == "val"
@@ -58,8 +65,15 @@ def test_imagefolder_with_val_split(builtin_tree, tmp_path):
 
 def test_file_backed_large_images(builtin_tree, tmp_path):
     root = make_tree(builtin_tree, tmp_path / "folder", ["cat", "dog"], 4, 2)
-    data, _ = _prepare(tmp_path, "data.source=imagefolder", f"data.path={root}", "data.name=pets",
-                       "data.resolution=96", "data.train_per_class=null", "data.test_per_class=null")
+    data, _ = _prepare(
+        tmp_path,
+        "data.source=imagefolder",
+        f"data.path={root}",
+        "data.name=pets",
+        "data.resolution=96",
+        "data.train_per_class=null",
+        "data.test_per_class=null",
+    )
     assert not data.cached
     batch = data.split("train").load([0, 1], 96)
     assert batch.shape == (2, 3, 96, 96)
@@ -76,8 +90,15 @@ def _tar(tmp_path, root, name="data.tar.gz"):
 
 def test_tar_archive(tiny_tree, tmp_path):
     archive = _tar(tmp_path, tiny_tree)
-    data, metrics = _prepare(tmp_path, "data.source=tar", f"data.path={archive}", "data.name=tiny",
-                             "data.resolution=32", "data.train_per_class=null", "data.test_per_class=null")
+    data, metrics = _prepare(
+        tmp_path,
+        "data.source=tar",
+        f"data.path={archive}",
+        "data.name=tiny",
+        "data.resolution=32",
+        "data.train_per_class=null",
+        "data.test_per_class=null",
+    )
     assert data.classes == ["airplane", "cat", "ship"] and metrics["train_images"] == 24
 
 
@@ -116,8 +137,9 @@ def test_escaping_member_through_the_stage(tmp_path):
 
 def test_bad_datasets_are_named(tiny_tree, tmp_path):
     def run(root):
-        return prepare(tiny_config(tmp_path / "out", "data.source=imagefolder", f"data.path={root}",
-                                    "data.resolution=32", "data.name=tiny"))
+        return prepare(
+            tiny_config(tmp_path / "out", "data.source=imagefolder", f"data.path={root}", "data.resolution=32", "data.name=tiny")
+        )
 
     with pytest.raises(DataError, match="does not exist"):
         run(tmp_path / "absent")
@@ -139,8 +161,7 @@ def test_bad_datasets_are_named(tiny_tree, tmp_path):
 def test_missing_test_split(tiny_tree, tmp_path):
     (tiny_tree / "test").rename(tiny_tree / "holdout")
     with pytest.raises(DataError, match="no 'val/' or 'test/'"):
-        prepare(tiny_config(tmp_path / "out", "data.source=imagefolder", f"data.path={tiny_tree}",
-                             "data.resolution=32"))
+        prepare(tiny_config(tmp_path / "out", "data.source=imagefolder", f"data.path={tiny_tree}", "data.resolution=32"))
 
 
 def _write_cifar_copy(root, builtin_tree):
@@ -179,6 +200,7 @@ def test_torchvision_missing_copy_says_how_to_get_it(tmp_path):
 
 @pytest.mark.full_data
 def test_full_cifar10_archive_is_readable(shared_archive, tmp_path):
-    data, metrics = _prepare(tmp_path, "data.source=tar", f"data.path={shared_archive}", "data.train_per_class=20",
-                             "data.test_per_class=10")
+    data, metrics = _prepare(
+        tmp_path, "data.source=tar", f"data.path={shared_archive}", "data.train_per_class=20", "data.test_per_class=10"
+    )
     assert metrics["train_images"] == 200 and data.num_classes == 10

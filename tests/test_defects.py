@@ -46,8 +46,11 @@ BIN = Path(sys.executable).parent
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(root).rglob("*"))
+        if p.is_file()
+    }
 
 
 def current(stage: str, cfg) -> bool:
@@ -72,9 +75,18 @@ def _png_tree(builtin_tree: Path, dest: Path) -> Path:
 
 def test_a_dataset_image_changed_in_place_reruns_what_depends_on_it(builtin_tree, tmp_path):
     root = _png_tree(builtin_tree, tmp_path / "data")
-    cfg = tiny_config(tmp_path / "out", "data.source=imagefolder", f"data.path={root}", "data.name=three",
-                      "data.resolution=32", "data.train_per_class=null", "data.test_per_class=null",
-                      "squeeze.epochs=1", "ipc=1", "select.candidates=4")
+    cfg = tiny_config(
+        tmp_path / "out",
+        "data.source=imagefolder",
+        f"data.path={root}",
+        "data.name=three",
+        "data.resolution=32",
+        "data.train_per_class=null",
+        "data.test_per_class=null",
+        "squeeze.epochs=1",
+        "ipc=1",
+        "select.candidates=4",
+    )
     run_pipeline(cfg, until="squeeze")
     assert current("prepare", cfg) and current("squeeze", cfg)
     image = root / "train" / "cat" / sorted(os.listdir(root / "train" / "cat"))[0]
@@ -102,8 +114,7 @@ def test_a_teacher_weights_file_changed_in_place_makes_squeeze_stale(tmp_path):
     run_pipeline(cfg, until="squeeze")
     assert current("squeeze", cfg)
     st = weights.stat()
-    save_file({k: (v * 1.01 if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()},
-              str(weights))
+    save_file({k: (v * 1.01 if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}, str(weights))
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert current("prepare", cfg) and not current("squeeze", cfg)
 
@@ -112,7 +123,7 @@ def test_a_teacher_weights_file_changed_in_place_makes_squeeze_stale(tmp_path):
     "damage, stage, reason",
     [
         ("delete a synthetic image", "recover", "1 file(s) missing, e.g. images/0000/000.png"),
-        ("empty the soft labels", "relabel", "labels.safetensors changed size (3108 -> 0 bytes)"),
+        ("empty the soft labels", "relabel", "labels.safetensors changed size ({size} -> 0 bytes)"),
         ("add a stray file", "select", "1 file(s) not written by the stage, e.g. images/0000/extra.png"),
         ("overwrite a teacher, same size", "squeeze", "0-convnet.safetensors changed content since the stage wrote it"),
     ],
@@ -120,6 +131,7 @@ def test_a_teacher_weights_file_changed_in_place_makes_squeeze_stale(tmp_path):
 def test_a_damaged_output_is_not_up_to_date(tiny_copy, damage, stage, reason):
     assert all(current(s, tiny_copy) for s in STAGE_ORDER)
     folder = Layout.of(tiny_copy).stage(stage)
+    reason = reason.format(size=(folder / "labels.safetensors").stat().st_size if stage == "relabel" else 0)
     if damage == "delete a synthetic image":
         (folder / "images" / "0000" / "000.png").unlink()
     elif damage == "empty the soft labels":
@@ -146,8 +158,7 @@ def test_a_damaged_output_is_not_up_to_date(tiny_copy, damage, stage, reason):
 
 def _fadrm(*args: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.Popen([str(BIN / "fadrm"), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([str(BIN / "fadrm"), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
@@ -169,8 +180,7 @@ def test_two_runs_on_one_folder_the_second_refused_the_first_as_if_alone(tiny_ru
     out = tmp_path / "out"
     first = _fadrm("run", "--local", "--no-track", "--preset", "tiny", "-S", f"out_dir={out}", cwd=tmp_path)
     _wait_for(lambda: (out / ".squeeze.partial" / "0-convnet.ckpt").is_file(), first, "the first run's epoch 1", 900)
-    second = _fadrm("run", "--local", "--no-track", "--preset", "tiny", "-S", "ipc=1", "-S", f"out_dir={out}",
-                    cwd=tmp_path)
+    second = _fadrm("run", "--local", "--no-track", "--preset", "tiny", "-S", "ipc=1", "-S", f"out_dir={out}", cwd=tmp_path)
     refused, _ = second.communicate(timeout=600)
     done, _ = first.communicate(timeout=1800)
     assert first.returncode == 0, done
@@ -188,8 +198,11 @@ def test_a_killed_writer_leaves_nothing_behind_after_the_next_run(tmp_path):
     victim.wait()
     assert any(out.glob(".prepare-scratch-*")) and any(out.glob(".prepare.tmp-*"))  # dataset-sized leftovers
     seen = []
-    run_pipeline(tiny_config(out, "data.train_per_class=null", "data.test_per_class=null"), until="prepare",
-                 announce=lambda stage, status: seen.append((stage, status)))
+    run_pipeline(
+        tiny_config(out, "data.train_per_class=null", "data.test_per_class=null"),
+        until="prepare",
+        announce=lambda stage, status: seen.append((stage, status)),
+    )
     assert [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".fadrm"] == []
     assert (out / "prepare" / "stage.json").is_file()
     took_over = [status for stage, status in seen if stage == "lock"]
@@ -202,13 +215,14 @@ def test_a_killed_writer_leaves_nothing_behind_after_the_next_run(tmp_path):
 
 def _stale_with(package: Path, out_dir: Path) -> list[str]:
     """The stages a copy of the package (edited) judges stale."""
-    code = ("import fadrm; from fadrm.config import load_config; from fadrm.stage import STAGE_ORDER, Layout, is_current\n"
-            f"assert fadrm.__file__.startswith({str(package)!r}), fadrm.__file__\n"
-            f"cfg = load_config(None, 'tiny', ['out_dir={out_dir}', 'tracking.enabled=false'])\n"
-            "print(','.join(s for s in STAGE_ORDER if not is_current(s, cfg, Layout.of(cfg))))")
+    code = (
+        "import fadrm; from fadrm.config import load_config; from fadrm.stage import STAGE_ORDER, Layout, is_current\n"
+        f"assert fadrm.__file__.startswith({str(package)!r}), fadrm.__file__\n"
+        f"cfg = load_config(None, 'tiny', ['out_dir={out_dir}', 'tracking.enabled=false'])\n"
+        "print(','.join(s for s in STAGE_ORDER if not is_current(s, cfg, Layout.of(cfg))))"
+    )
     env = {**os.environ, "PYTHONPATH": str(package)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=package, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=package, capture_output=True, text=True, check=True)
     return [s for s in out.stdout.strip().split(",") if s]
 
 
@@ -288,21 +302,30 @@ def test_relabel_does_not_publish_logits_evaluate_would_trip_over(tiny_copy, tmp
     select(cfg)
     recover(cfg)
     before = _files(Layout.of(cfg).stage("relabel"))
-    with pytest.raises(DivergenceError, match=r"relabel: teacher logits up to .* at epoch 1, views 0-19 do not fit "
-                                              r"fp16 storage"):
+    with pytest.raises(
+        DivergenceError,
+        match=r"relabel: teacher logits up to .* at epoch 1, views 0-19 do not fit "
+        r"fp16 storage",
+    ):
         relabel(cfg)
     assert _files(Layout.of(cfg).stage("relabel")) == before
 
 
 def test_recovery_with_an_absurd_step_size_fails(tiny_copy):
-    with pytest.raises(DivergenceError, match=r"recover: \d+% of the pixels are pinned at 0 or 255 after iteration "
-                                              r"8/16 \(stage 1, 24 px; .*lower recover.lr \(now 10000\)"):
+    with pytest.raises(
+        DivergenceError,
+        match=r"recover: \d+% of the pixels are pinned at 0 or 255 after iteration "
+        r"8/16 \(stage 1, 24 px; .*lower recover.lr \(now 10000\)",
+    ):
         recover(tiny_config(tiny_copy.out_dir, "recover.lr=10000"))
 
 
 def test_evaluation_with_an_absurd_step_size_fails(tiny_copy):
-    with pytest.raises(DivergenceError, match=r"evaluate \(convnet\): training loss exploded to .* by epoch 1 .*"
-                                              r"lower evaluate.lr \(now 1000\)"):
+    with pytest.raises(
+        DivergenceError,
+        match=r"evaluate \(convnet\): training loss exploded to .* by epoch 1 .*"
+        r"lower evaluate.lr \(now 1000\)",
+    ):
         evaluate(tiny_config(tiny_copy.out_dir, "evaluate.lr=1000"))
 
 
@@ -324,9 +347,19 @@ def test_non_finite_gradients_are_caught_at_the_step_not_published_as_images():
     bounds = (torch.full((1, 3, 1, 1), -2.0), torch.full((1, 3, 1, 1), 2.0))
     rc = RecoverConfig(schedule=((16, 1),), lr=0.1)
     with pytest.raises(DivergenceError, match=r"gradients became non-finite at iteration 1/1 .*lower recover.lr"):
-        recover_batch(torch.zeros(3, 3, 16, 16), torch.tensor([0, 1, 2]), [Teacher("t", model, BNStatsLoss(model))],
-                      rc.schedule, rc, merges=True, bounds=bounds, jitter_limit=0, crop_scale=(1.0, 1.0),
-                      precision="fp32", rng=np.random.default_rng(0))
+        recover_batch(
+            torch.zeros(3, 3, 16, 16),
+            torch.tensor([0, 1, 2]),
+            [Teacher("t", model, BNStatsLoss(model))],
+            rc.schedule,
+            rc,
+            merges=True,
+            bounds=bounds,
+            jitter_limit=0,
+            crop_scale=(1.0, 1.0),
+            precision="fp32",
+            rng=np.random.default_rng(0),
+        )
 
 
 def test_the_last_partial_accumulation_group_is_scaled_by_its_real_size(tiny_copy, monkeypatch):
@@ -350,12 +383,17 @@ def test_sixteen_bit_pngs_are_not_saturated(builtin_tree, tmp_path):
     grey8 = np.asarray(Image.open(first).convert("L"))
     Image.fromarray(grey8.astype(np.uint16) * 257).save(first.with_suffix(".png"))  # the same picture, 16 bits
     first.unlink()
-    cfg = tiny_config(tmp_path / "out", "data.source=imagefolder", f"data.path={root}", "data.resolution=32",
-                      "data.train_per_class=null", "data.test_per_class=null")
+    cfg = tiny_config(
+        tmp_path / "out",
+        "data.source=imagefolder",
+        f"data.path={root}",
+        "data.resolution=32",
+        "data.train_per_class=null",
+        "data.test_per_class=null",
+    )
     prepare(cfg)
     folder = Layout.of(cfg).stage("prepare")
-    sources = [line.split("\t")[2] for line in (folder / "files.tsv").read_text().splitlines()[1:]
-               if line.startswith("train")]
+    sources = [line.split("\t")[2] for line in (folder / "files.tsv").read_text().splitlines()[1:] if line.startswith("train")]
     cached = np.load(folder / "train_images.npy")[sources.index(first.with_suffix(".png").relative_to(root).as_posix())]
     assert (cached == 255).mean() < 0.5 and np.array_equal(cached[..., 0], grey8)
 
@@ -365,10 +403,9 @@ def test_a_folder_dataset_is_not_silently_cifar10_at_32_px(builtin_tree, tmp_pat
     for path in root.rglob("*.jpg"):  # 48-px images
         with Image.open(path) as img:
             img.resize((48, 48)).save(path)
-    cfg = load_config(None, None, [f"out_dir={tmp_path / 'out'}", "tracking.enabled=false", "data.source=imagefolder",
-                                   f"data.path={root}"])
+    cfg = load_config(
+        None, None, [f"out_dir={tmp_path / 'out'}", "tracking.enabled=false", "data.source=imagefolder", f"data.path={root}"]
+    )
     prepare(cfg)
     manifest = yaml.safe_load((Layout.of(cfg).stage("prepare") / "manifest.json").read_text())
     assert (manifest["name"], manifest["resolution"]) == ("pets", 48)
-
-

@@ -35,8 +35,23 @@ def test_rank_parts_average_to_the_mean_of_the_micro_batch(world, size):
 
 def _torchrun(stage: str, cfg_dir: Path, cwd: Path, *overrides: str):
     torchrun = Path(sys.executable).parent / "torchrun"
-    args = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29600 + os.getpid() % 300), "-m",
-            "fadrm", stage, "--preset", "tiny", "--no-track", "-S", f"out_dir={cfg_dir}", "-S", "tracking.enabled=false"]
+    args = [
+        str(torchrun),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(29600 + os.getpid() % 300),
+        "-m",
+        "fadrm",
+        stage,
+        "--preset",
+        "tiny",
+        "--no-track",
+        "-S",
+        f"out_dir={cfg_dir}",
+        "-S",
+        "tracking.enabled=false",
+    ]
     for o in overrides:
         args += ["-S", o]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FADRM_PROGRESS": "0"}

@@ -61,9 +61,9 @@ def repository_copy(dest: Path) -> Path:
 def readme_commands(heading: str) -> list[str]:
     """The lines of the first ```bash block after ``heading`` in README.md."""
     text = (ROOT / "README.md").read_text()
-    section = text[text.index(heading):]
+    section = text[text.index(heading) :]
     start = section.index("```bash\n") + len("```bash\n")
-    return [line for line in section[start:section.index("```", start)].splitlines() if line.strip()]
+    return [line for line in section[start : section.index("```", start)].splitlines() if line.strip()]
 
 
 def test_dvc_yaml_mirrors_the_stage_table():

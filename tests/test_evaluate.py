@@ -36,8 +36,7 @@ class RecordingAdamW(torch.optim.AdamW):
     [((), 1), (("evaluate.batch_size=5", "evaluate.accumulate=2", "evaluate.final_lr_fraction=0.5"), 2)],
 )
 def test_student_optimizer_steps_and_weight_decay(tiny_copy, monkeypatch, overrides, micro_per_step):
-    cfg = tiny_config(tiny_copy.out_dir, "evaluate.epochs=4", "evaluate.lr=0.003", "evaluate.weight_decay=0.05",
-                      *overrides)
+    cfg = tiny_config(tiny_copy.out_dir, "evaluate.epochs=4", "evaluate.lr=0.003", "evaluate.weight_decay=0.05", *overrides)
     students = []
     real_create = evaluate_module.create_model
     monkeypatch.setattr(evaluate_module, "create_model", lambda *a, **k: students.append(real_create(*a, **k)) or students[-1])

@@ -34,8 +34,16 @@ def _tree(builtin_tree, tmp_path, classes=("cat", "dog"), test_name="test") -> P
 
 
 def _folder(root: Path) -> list[str]:
-    return ["-S", "data.source=imagefolder", "-S", f"data.path={root}", "-S", "data.train_per_class=null",
-            "-S", "data.test_per_class=null"]
+    return [
+        "-S",
+        "data.source=imagefolder",
+        "-S",
+        f"data.path={root}",
+        "-S",
+        "data.train_per_class=null",
+        "-S",
+        "data.test_per_class=null",
+    ]
 
 
 def _tar(tmp_path: Path, builtin_tree: Path) -> Path:
@@ -124,31 +132,48 @@ CASES: dict[str, tuple[list[str] | None, str, int]] = {
     "unknown-key": (["squeeze", "-S", "squeeze.epoch=5"], r"unknown key 'squeeze.epoch' — did you mean 'squeeze.epochs'", 2),
     "wrong-type": (["config", "-S", "ipc=ten"], r"'ipc': Input should be a valid integer", 2),
     "below-minimum": (["config", "-S", "ipc=0"], r"'ipc': Input should be greater than or equal to 1", 2),
-    "inverted-crop-scale": (["config", "-S", "select.crop_scale=[1.0,0.08]"],
-                            r"'select.crop_scale': .*0 < smallest <= largest <= 1, got \(1.0, 0.08\)", 2),
+    "inverted-crop-scale": (
+        ["config", "-S", "select.crop_scale=[1.0,0.08]"],
+        r"'select.crop_scale': .*0 < smallest <= largest <= 1, got \(1.0, 0.08\)",
+        2,
+    ),
     "crop-scale-above-one": (["config", "-S", "relabel.crop_scale=[0.5,2]"], r"got \(0.5, 2.0\)", 2),
     "override-syntax": (["config", "-S", "ipc"], r"override 'ipc' is not of the form key.path=value", 2),
     "override-bad-yaml": (["config", "-S", "ipc=[1,"], r"override 'ipc=\[1,': value is not valid YAML", 2),
     "override-not-a-section": (["config", "-S", "ipc.x=1"], r"'ipc' is a value, not a section", 2),
-    "override-bad-index": (["config", "-S", "squeeze.teachers.3.arch=convnet"],
-                           r"'3' is not an index of a list of 1", 2),
+    "override-bad-index": (["config", "-S", "squeeze.teachers.3.arch=convnet"], r"'3' is not an index of a list of 1", 2),
     "unknown-preset": (["config", "--preset", "fastest"], r"unknown preset 'fastest'; available: cifar10-cpu", 2),
     "missing-params-file": (["config", "-p", "/no/params.yaml"], r"params file not found: /no/params.yaml", 2),
     "params-not-a-mapping": (None, r"top level must be a mapping of sections", 2),
     "params-not-yaml": (None, r"not valid YAML", 2),
-    "folder-source-without-path": (["config", "-S", "data.source=imagefolder"],
-                                   r"data.path is required when data.source is 'imagefolder'", 2),
-    "torchvision-unknown-name": (["config", "-S", "data.source=torchvision", "-S", "data.name=svhn"],
-                                 r"data.name must be cifar10 or cifar100 when data.source is 'torchvision'", 2),
+    "folder-source-without-path": (
+        ["config", "-S", "data.source=imagefolder"],
+        r"data.path is required when data.source is 'imagefolder'",
+        2,
+    ),
+    "torchvision-unknown-name": (
+        ["config", "-S", "data.source=torchvision", "-S", "data.name=svhn"],
+        r"data.name must be cifar10 or cifar100 when data.source is 'torchvision'",
+        2,
+    ),
     "schedule-entry-too-small": (["config", "-S", "recover.schedule=[[4,10]]"], r"bad schedule entry \(4, 10\)", 2),
     "unknown-architecture": (["config", "-S", "evaluate.student=vgg11"], r"vgg11.*convnet", 2),
     "not-a-device": (["run", "--local", *TINY, "-S", "device=tpu:0"], r"device 'tpu:0' is not a device", 2),
-    "fp16-on-cpu": (["run", "--local", *TINY, "-S", "device=cpu", "-S", "recover.precision=fp16"],
-                    r"recover.precision: precision 'fp16' needs a CUDA device", 2),
-    "dataset-folder-missing": (["run", "--local", *TINY, "-S", "data.source=imagefolder", "-S", "data.path=/no/such/dir"],
-                               r"data.path does not exist or is not a folder: /no/such/dir", 2),
-    "archive-missing": (["run", "--local", *TINY, "-S", "data.source=tar", "-S", "data.path=/no/data.tar.gz"],
-                        r"archive not found: /no/data.tar.gz", 2),
+    "fp16-on-cpu": (
+        ["run", "--local", *TINY, "-S", "device=cpu", "-S", "recover.precision=fp16"],
+        r"recover.precision: precision 'fp16' needs a CUDA device",
+        2,
+    ),
+    "dataset-folder-missing": (
+        ["run", "--local", *TINY, "-S", "data.source=imagefolder", "-S", "data.path=/no/such/dir"],
+        r"data.path does not exist or is not a folder: /no/such/dir",
+        2,
+    ),
+    "archive-missing": (
+        ["run", "--local", *TINY, "-S", "data.source=tar", "-S", "data.path=/no/data.tar.gz"],
+        r"archive not found: /no/data.tar.gz",
+        2,
+    ),
     "no-train-folder": (None, r"no 'train/' folder in .*data", 2),
     "no-test-folder": (None, r"no 'val/' or 'test/' folder beside 'train/'", 2),
     "class-sets-differ": (None, r"class sets differ between train/ and test/.*only in train: \['dog'\]", 2),
@@ -163,13 +188,22 @@ CASES: dict[str, tuple[list[str] | None, str, int]] = {
     "weights-missing-before-prepare": (None, r"squeeze.teachers.0.weights: weights file not found", 2),
     "weights-do-not-fit": (None, r"does not fit the model: missing", 2),
     "weights-malicious-pickle": (None, r"evil.pt: cannot load weights safely", 2),
-    "stage-without-inputs": (["recover", *TINY, "-S", "out_dir=nothing-here"],
-                             r"'recover' needs the output of 'prepare' in nothing-here/prepare, which is missing", 2),
-    "baseline-missing-before-run": (["check", "--local", "--no-track", "--baseline", "/no/baseline.json"],
-                                    r"baseline file not found: /no/baseline.json", 2),
+    "stage-without-inputs": (
+        ["recover", *TINY, "-S", "out_dir=nothing-here"],
+        r"'recover' needs the output of 'prepare' in nothing-here/prepare, which is missing",
+        2,
+    ),
+    "baseline-missing-before-run": (
+        ["check", "--local", "--no-track", "--baseline", "/no/baseline.json"],
+        r"baseline file not found: /no/baseline.json",
+        2,
+    ),
     "baseline-not-json": (None, r"baseline file .*b.json is not valid JSON", 2),
-    "mlflow-unreachable": (["run", "--local", "--preset", "tiny", "-S", "tracking.uri=http://127.0.0.1:9"],
-                           r"MLflow tracking server http://127.0.0.1:9 is unreachable", 2),
+    "mlflow-unreachable": (
+        ["run", "--local", "--preset", "tiny", "-S", "tracking.uri=http://127.0.0.1:9"],
+        r"MLflow tracking server http://127.0.0.1:9 is unreachable",
+        2,
+    ),
     "dvc-yaml-drift": (None, r"prepare.deps: missing fadrm/stage.py", 1),
 }
 
@@ -191,8 +225,7 @@ def test_bad_input_is_one_message(case, tmp_path, monkeypatch, builtin_tree):
 def test_the_debug_flag_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FADRM_DEBUG", "0")  # --debug sets it to 1; the monkeypatch takes it away after
-    result = runner.invoke(app, ["--debug", "run", "--local", *TINY, "-S", "data.source=tar", "-S",
-                                 "data.path=/no/data.tar.gz"])
+    result = runner.invoke(app, ["--debug", "run", "--local", *TINY, "-S", "data.source=tar", "-S", "data.path=/no/data.tar.gz"])
     assert result.exit_code == 2 and "Traceback" in result.output and "archive not found" in result.output
 
 
@@ -236,15 +269,15 @@ def _in_namespace(script: str, tmp_path: Path) -> subprocess.CompletedProcess:
     if probe.returncode:
         pytest.skip("unprivileged mount namespaces are not allowed here")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_a_full_disk_is_one_message(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
-    result = _in_namespace(f"mount -t tmpfs -o size=1m none {disk} && fadrm run --local --preset tiny --no-track "
-                           f"-S out_dir={disk}/out", tmp_path)
+    result = _in_namespace(
+        f"mount -t tmpfs -o size=1m none {disk} && fadrm run --local --preset tiny --no-track -S out_dir={disk}/out", tmp_path
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert "the disk is full; free some space or write elsewhere (-S out_dir=...)" in output
@@ -254,8 +287,11 @@ def test_a_full_disk_is_one_message(tmp_path):
 def test_a_read_only_output_folder_is_one_message(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
-    result = _in_namespace(f"mount -t tmpfs none {disk} && mkdir {disk}/out && mount -o remount,ro {disk} && "
-                           f"fadrm run --local --preset tiny --no-track -S out_dir={disk}/out", tmp_path)
+    result = _in_namespace(
+        f"mount -t tmpfs none {disk} && mkdir {disk}/out && mount -o remount,ro {disk} && "
+        f"fadrm run --local --preset tiny --no-track -S out_dir={disk}/out",
+        tmp_path,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert "Read-only file system; that file system is read-only; write elsewhere (-S out_dir=...)" in output
@@ -264,8 +300,14 @@ def test_a_read_only_output_folder_is_one_message(tmp_path):
 
 def test_an_interrupt_keeps_finished_work_and_says_so(tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.Popen(["fadrm", "run", "--local", *TINY, "-S", f"out_dir={tmp_path / 'out'}"], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["fadrm", "run", "--local", *TINY, "-S", f"out_dir={tmp_path / 'out'}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     import time
 
     deadline = time.time() + 600

@@ -40,8 +40,9 @@ def _task_runs(flow_state) -> list[str]:
 
     flow_run_id = flow_state.state_details.flow_run_id
     with get_client(sync_client=True) as prefect:
-        runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                                      sort=TaskRunSort.EXPECTED_START_TIME_ASC)
+        runs = prefect.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), sort=TaskRunSort.EXPECTED_START_TIME_ASC
+        )
     return [r.name for r in runs]
 
 
@@ -62,8 +63,7 @@ def test_distill_flow_on_tiny(harness, tmp_path, monkeypatch):
     # the same MLflow run tree as `fadrm run --local` and `dvc repro`
     client = MlflowClient(tracking_uri=uri)
     parent = client.get_run(summary["mlflow_run_id"])
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(r.info.run_name for r in children) == sorted(STAGE_ORDER)
     with get_client(sync_client=True) as prefect:
         artifact = prefect.read_latest_artifacts()
@@ -73,8 +73,7 @@ def test_distill_flow_on_tiny(harness, tmp_path, monkeypatch):
     assert "student top-1" in markdown and summary["mlflow_run_id"] in markdown
     again = distill_flow(**args, overrides=[f"out_dir={tmp_path / 'out'}"], track=False, return_state=True)
     assert again.is_completed() and _task_runs(again) == []
-    changed = distill_flow(**args, overrides=[f"out_dir={tmp_path / 'out'}", "evaluate.epochs=2"], track=False,
-                           return_state=True)
+    changed = distill_flow(**args, overrides=[f"out_dir={tmp_path / 'out'}", "evaluate.epochs=2"], track=False, return_state=True)
     assert _task_runs(changed) == ["evaluate"]
 
 
@@ -99,11 +98,14 @@ def test_regression_check_passes_unchanged_and_fails_degraded(harness, tmp_path,
     result = regression_flow(params=str(tmp_path / "none.yaml"), baseline=str(BASELINE))
     assert result["verdict"]["passed"]
     with pytest.raises(RegressionFailed, match="teacher_top1"):
-        regression_flow(params=str(tmp_path / "none.yaml"), baseline=str(BASELINE),
-                        overrides=["squeeze.lr=0.000001"])
+        regression_flow(params=str(tmp_path / "none.yaml"), baseline=str(BASELINE), overrides=["squeeze.lr=0.000001"])
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    verdicts = [r.data.tags.get("fadrm.regression") for r in client.search_runs(
-        [client.get_experiment_by_name("fadrm").experiment_id], filter_string="tags.`fadrm.kind` = 'pipeline'")]
+    verdicts = [
+        r.data.tags.get("fadrm.regression")
+        for r in client.search_runs(
+            [client.get_experiment_by_name("fadrm").experiment_id], filter_string="tags.`fadrm.kind` = 'pipeline'"
+        )
+    ]
     assert sorted(verdicts) == ["failed", "passed"]
 
 
@@ -134,8 +136,7 @@ def test_fadrm_check_passes_a_working_pipeline_and_fails_broken_ones(harness, tm
         monkeypatch.setattr(recover_module, "residual_merge", lambda x, init, alpha, size: recover_module.resize(x, size))
     result = CliRunner().invoke(app, ["check", "--baseline", str(BASELINE), *args])
     client = MlflowClient(tracking_uri=uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("fadrm").experiment_id],
-                                filter_string="tags.`fadrm.kind` = 'pipeline'")
+    (run,) = client.search_runs([client.get_experiment_by_name("fadrm").experiment_id], filter_string="tags.`fadrm.kind` = 'pipeline'")
     with get_client(sync_client=True) as prefect:
         report = next(a for a in prefect.read_latest_artifacts() if a.key == "fadrm-regression").data
     if case == "working":
@@ -161,10 +162,19 @@ def prefect_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-server")
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    server = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": url,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    server = subprocess.Popen(
+        ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     wait_for_http(f"{url}/health", server)
     yield env
     stop(server)
@@ -178,16 +188,27 @@ def _cli(env, *args, timeout=600):
 def test_deployment_is_run_by_a_worker(prefect_server, tmp_path):
     env = {**prefect_server, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     out_dir = tmp_path / "deployed"
-    deployed = _cli(env, "deploy", "--pool", "test-pool", "--name", "cpu", "--devices", "", "--preset", "tiny",
-                    "-S", f"out_dir={out_dir}")
+    deployed = _cli(
+        env, "deploy", "--pool", "test-pool", "--name", "cpu", "--devices", "", "--preset", "tiny", "-S", f"out_dir={out_dir}"
+    )
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-    worker = subprocess.Popen(["prefect", "worker", "start", "--pool", "test-pool", "--type", "process"],
-                              env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    worker = subprocess.Popen(
+        ["prefect", "worker", "start", "--pool", "test-pool", "--type", "process"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
-        run = subprocess.run(["prefect", "deployment", "run", "fadrm-distill/cpu", "--watch",
-                              "--watch-timeout", "600"], env=env, cwd=tmp_path, capture_output=True, text=True,
-                             timeout=660)
+        run = subprocess.run(
+            ["prefect", "deployment", "run", "fadrm-distill/cpu", "--watch", "--watch-timeout", "600"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=660,
+        )
         assert run.returncode == 0, run.stdout + run.stderr
         assert "Completed" in run.stdout + run.stderr
     finally:
@@ -211,16 +232,21 @@ def _api(env, method: str, path: str, body: dict | None = None):
     import urllib.request
 
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(env["PREFECT_API_URL"] + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        env["PREFECT_API_URL"] + path, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         text = response.read().decode()
     return json.loads(text) if text else None
 
 
 def _deployment_runs(env, deployment_id: str) -> list[dict]:
-    return _api(env, "POST", "/flow_runs/filter", {
-        "flow_runs": {"deployment_id": {"any_": [deployment_id]}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 50})
+    return _api(
+        env,
+        "POST",
+        "/flow_runs/filter",
+        {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 50},
+    )
 
 
 def _wait_for(what: str, probe, timeout: float, log: Path):
@@ -245,33 +271,63 @@ def test_cron_schedule_runs_the_regression_check(prefect_server, tmp_path):
     and in a Prefect artifact of that flow run. (Under SQLAlchemy 2.1 no run is ever created.)"""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**prefect_server, "MLFLOW_TRACKING_URI": uri}
-    scheduled = _cli(env, "schedule", "--cron", "* * * * *", "--pool", "cron-pool", "--name", "every-minute",
-                     "--devices", "", "-S", f"out_dir={tmp_path / 'regression'}")
+    scheduled = _cli(
+        env,
+        "schedule",
+        "--cron",
+        "* * * * *",
+        "--pool",
+        "cron-pool",
+        "--name",
+        "every-minute",
+        "--devices",
+        "",
+        "-S",
+        f"out_dir={tmp_path / 'regression'}",
+    )
     assert scheduled.returncode == 0, scheduled.stdout + scheduled.stderr
     deployment_id = _api(env, "GET", "/deployments/name/fadrm-regression/every-minute")["id"]
     log = tmp_path / "worker.log"
     with log.open("w") as sink:
-        worker = subprocess.Popen(["prefect", "worker", "start", "--pool", "cron-pool", "--type", "process"], env=env,
-                                  cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        worker = subprocess.Popen(
+            ["prefect", "worker", "start", "--pool", "cron-pool", "--type", "process"],
+            env=env,
+            cwd=tmp_path,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
-        started = _wait_for("a scheduled run picked up by the worker", lambda: [
-            r for r in _deployment_runs(env, deployment_id) if r["state_type"] not in ("SCHEDULED", "CANCELLED")
-        ], 300, log)[0]
+        started = _wait_for(
+            "a scheduled run picked up by the worker",
+            lambda: [r for r in _deployment_runs(env, deployment_id) if r["state_type"] not in ("SCHEDULED", "CANCELLED")],
+            300,
+            log,
+        )[0]
         _api(env, "POST", f"/deployments/{deployment_id}/pause_deployment")  # no second check after this one
-        run = _wait_for("the scheduled run's end", lambda: next(
-            (r for r in _deployment_runs(env, deployment_id) if r["id"] == started["id"] and r["state_type"] in TERMINAL),
-            None), 900, log)
+        run = _wait_for(
+            "the scheduled run's end",
+            lambda: next(
+                (r for r in _deployment_runs(env, deployment_id) if r["id"] == started["id"] and r["state_type"] in TERMINAL), None
+            ),
+            900,
+            log,
+        )
     finally:
         _stop_worker(worker)
-    print(f"scheduled flow run {run['id']} ({run['name']}), expected {run['expected_start_time']}: "
-          f"{run['state_type']} / {run['state_name']}")
+    print(
+        f"scheduled flow run {run['id']} ({run['name']}), expected {run['expected_start_time']}: "
+        f"{run['state_type']} / {run['state_name']}"
+    )
     assert run["auto_scheduled"] and run["state_type"] == "COMPLETED", log.read_text()[-4000:]
-    artifacts = _api(env, "POST", "/artifacts/filter", {
-        "artifacts": {"key": {"any_": ["fadrm-regression"]}, "flow_run_id": {"any_": [run["id"]]}}})
+    artifacts = _api(
+        env, "POST", "/artifacts/filter", {"artifacts": {"key": {"any_": ["fadrm-regression"]}, "flow_run_id": {"any_": [run["id"]]}}}
+    )
     assert len(artifacts) == 1 and "Regression check: PASSED" in artifacts[0]["data"]
     client = MlflowClient(tracking_uri=uri)
-    (pipeline,) = client.search_runs([client.get_experiment_by_name("fadrm").experiment_id],
-                                     filter_string="tags.`fadrm.kind` = 'pipeline'")
+    (pipeline,) = client.search_runs(
+        [client.get_experiment_by_name("fadrm").experiment_id], filter_string="tags.`fadrm.kind` = 'pipeline'"
+    )
     assert pipeline.data.tags["fadrm.regression"] == "passed"
 
 
@@ -294,11 +350,20 @@ def test_a_prefect_run_prints_no_traceback_and_no_warning(tmp_path):
     """`fadrm run` as a new user runs it (a temporary Prefect server, Prefect's default log level, no
     analytics setting of ours): the output has no traceback, no ERROR or WARNING line."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FADRM_"))}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90",  # a busy test machine, not a user setting
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    result = subprocess.run(["fadrm", "run", "--preset", "tiny", "-S", f"out_dir={tmp_path / 'out'}"], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=900)
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90",  # a busy test machine, not a user setting
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    )
+    result = subprocess.run(
+        ["fadrm", "run", "--preset", "tiny", "-S", f"out_dir={tmp_path / 'out'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "Traceback" not in output

@@ -78,8 +78,9 @@ def test_prepare_converts_by_rule_and_counts_the_conversions(builtin_tree, tmp_p
     grey8 = np.asarray(Image.open(first).convert("L"))
     Image.fromarray(grey8.astype(np.uint16) * 257).save(first.with_suffix(".png"))
     first.unlink()
-    cfg = tiny_config(tmp_path / "out", "data.source=imagefolder", f"data.path={root}", "data.train_per_class=null",
-                      "data.test_per_class=null")
+    cfg = tiny_config(
+        tmp_path / "out", "data.source=imagefolder", f"data.path={root}", "data.train_per_class=null", "data.test_per_class=null"
+    )
     metrics = prepare(cfg)
     data = Prepared(Layout.of(cfg).stage("prepare"))
     assert metrics["converted_images"] == 1
@@ -93,11 +94,26 @@ def test_images_of_different_sizes_need_a_stated_resolution(builtin_tree, tmp_pa
     odd = sorted((root / "train" / "dog").iterdir())[1]
     with Image.open(odd) as img:
         img.resize((64, 40)).save(odd)
-    cfg = tiny_config(tmp_path / "out", "data.source=imagefolder", f"data.path={root}", "data.name=null",
-                      "data.train_per_class=null", "data.test_per_class=null")
-    with pytest.raises(DataError, match=r"differ in size \(2 sizes: 11 are 32x32, train/dog/.* is 64x40\); "
-                                        r"set data.resolution"):
+    cfg = tiny_config(
+        tmp_path / "out",
+        "data.source=imagefolder",
+        f"data.path={root}",
+        "data.name=null",
+        "data.train_per_class=null",
+        "data.test_per_class=null",
+    )
+    with pytest.raises(
+        DataError,
+        match=r"differ in size \(2 sizes: 11 are 32x32, train/dog/.* is 64x40\); "
+        r"set data.resolution",
+    ):
         prepare(cfg)
-    sized = tiny_config(tmp_path / "out", "data.source=imagefolder", f"data.path={root}", "data.resolution=32",
-                        "data.train_per_class=null", "data.test_per_class=null")
+    sized = tiny_config(
+        tmp_path / "out",
+        "data.source=imagefolder",
+        f"data.path={root}",
+        "data.resolution=32",
+        "data.train_per_class=null",
+        "data.test_per_class=null",
+    )
     assert prepare(sized)["resolution"] == 32

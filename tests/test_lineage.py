@@ -25,8 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_a_stage_refuses_a_damaged_input_with_a_clear_message(tiny_copy):
     (Layout.of(tiny_copy).stage("recover") / "images" / "0001" / "001.png").unlink()
-    with pytest.raises(DamagedInputError, match=r"'evaluate' needs the output of 'recover' .* which is damaged "
-                                                r"\(1 file\(s\) missing, e.g. images/0001/001.png\); rerun `fadrm recover`"):
+    with pytest.raises(
+        DamagedInputError,
+        match=r"'evaluate' needs the output of 'recover' .* which is damaged "
+        r"\(1 file\(s\) missing, e.g. images/0001/001.png\); rerun `fadrm recover`",
+    ):
         evaluate(tiny_copy)
 
 
@@ -39,8 +42,13 @@ def test_params_no_output_depends_on_rerun_nothing(tiny_copy):
 
 def test_every_config_key_is_read_by_a_stage_or_declared_operational():
     keys = set(flatten(Config().to_dict()))
-    covered = {k for k in keys for table in (*STAGE_PARAMS.values(), OPERATIONAL_PARAMS)
-               for prefix in table if k == prefix or k.startswith(prefix + ".")}
+    covered = {
+        k
+        for k in keys
+        for table in (*STAGE_PARAMS.values(), OPERATIONAL_PARAMS)
+        for prefix in table
+        if k == prefix or k.startswith(prefix + ".")
+    }
     assert sorted(keys - covered) == []
     read = {p for params in STAGE_PARAMS.values() for p in params}
     assert not read & set(OPERATIONAL_PARAMS)

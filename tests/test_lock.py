@@ -19,8 +19,9 @@ BIN = Path(sys.executable).parent
 
 def fadrm(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.Popen([str(BIN / "fadrm"), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kwargs)
+    return subprocess.Popen(
+        [str(BIN / "fadrm"), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs
+    )
 
 
 def test_a_second_writer_is_refused_at_once_naming_the_holder(tmp_path):
@@ -40,8 +41,10 @@ def test_the_lock_is_reentrant_in_a_process_and_released_after(tmp_path):
     layout = Layout(tmp_path / "out")
     with hold(layout), hold(layout):  # the pipeline holds it and each stage takes it again
         pass
-    probe = ("import sys; from pathlib import Path; from fadrm.layout import Layout; from fadrm.lock import hold\n"
-             f"with hold(Layout(Path({str(layout.root)!r}))): print('took it')")
+    probe = (
+        "import sys; from pathlib import Path; from fadrm.layout import Layout; from fadrm.lock import hold\n"
+        f"with hold(Layout(Path({str(layout.root)!r}))): print('took it')"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "took it", out.stderr
     with hold(layout):

@@ -118,8 +118,19 @@ def _teachers(n):
 
 def _recover(teachers, rc, x, merges=True, rng_seed=0):
     bounds = (torch.full((1, 3, 1, 1), -2.0), torch.full((1, 3, 1, 1), 2.0))
-    return recover_batch(x, torch.tensor([0, 1, 2, 0]), teachers, rc.schedule, rc, merges=merges, bounds=bounds,
-                         jitter_limit=2, crop_scale=(0.08, 1.0), precision="fp32", rng=np.random.default_rng(rng_seed))
+    return recover_batch(
+        x,
+        torch.tensor([0, 1, 2, 0]),
+        teachers,
+        rc.schedule,
+        rc,
+        merges=merges,
+        bounds=bounds,
+        jitter_limit=2,
+        crop_scale=(0.08, 1.0),
+        precision="fp32",
+        rng=np.random.default_rng(rng_seed),
+    )
 
 
 def test_recover_batch_is_deterministic_clamped_and_uses_teachers_in_turn():
@@ -145,9 +156,20 @@ def test_recover_batch_divergence_names_the_iteration_and_images():
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(DivergenceError, match=r"iteration 1/4 .*cat#7"):
         bounds = (torch.full((1, 3, 1, 1), -2.0), torch.full((1, 3, 1, 1), 2.0))
-        recover_batch(x, torch.tensor([0, 1, 2, 0]), teachers, rc.schedule, rc, merges=True, bounds=bounds,
-                      jitter_limit=0, crop_scale=(0.5, 1.0), precision="fp32", rng=np.random.default_rng(0),
-                      names=["cat#7", "dog#1", "a#2", "b#3"])
+        recover_batch(
+            x,
+            torch.tensor([0, 1, 2, 0]),
+            teachers,
+            rc.schedule,
+            rc,
+            merges=True,
+            bounds=bounds,
+            jitter_limit=0,
+            crop_scale=(0.5, 1.0),
+            precision="fp32",
+            rng=np.random.default_rng(0),
+            names=["cat#7", "dog#1", "a#2", "b#3"],
+        )
 
 
 def test_crop_boxes_and_resized_crop():

@@ -126,8 +126,7 @@ def test_fp16_on_cuda_skips_scaler_overflow_and_stops_real_divergence():
 def test_fp16_pipeline_on_cuda_runs_and_a_diverging_teacher_stops(tmp_path):
     from fadrm.pipeline import run_pipeline
 
-    fp16 = ["device=cuda", "squeeze.precision=fp16", "recover.precision=fp16", "relabel.precision=fp16",
-            "evaluate.precision=fp16"]
+    fp16 = ["device=cuda", "squeeze.precision=fp16", "recover.precision=fp16", "relabel.precision=fp16", "evaluate.precision=fp16"]
     summary = run_pipeline(tiny_config(tmp_path / "ok", *fp16))
     assert summary["teacher_top1"] > 0.15 and summary["student_top1"] is not None
     with pytest.raises(DivergenceError, match=r"squeeze 0-convnet: .*lower squeeze.lr \(now 50\)"):
@@ -138,8 +137,11 @@ def test_epoch_losses_are_judged_against_a_uniform_guess():
     from fadrm.numerics import check_epoch_loss
 
     check_epoch_loss(2.5, 10, "w", "epoch 1", "hint")  # near ln 10 = 2.30: a model that is still learning
-    with pytest.raises(DivergenceError, match=r"w: training loss exploded to 1e\+04 by epoch 3 \(a uniform guess scores "
-                                              r"ln 10 = 2.30\); hint"):
+    with pytest.raises(
+        DivergenceError,
+        match=r"w: training loss exploded to 1e\+04 by epoch 3 \(a uniform guess scores "
+        r"ln 10 = 2.30\); hint",
+    ):
         check_epoch_loss(1e4, 10, "w", "epoch 3", "hint")
     check_epoch_loss(5.0, 10, "w", "epoch 3", "hint")  # high, but it may still come down
     check_epoch_loss(4.0, 10, "w", "epoch 9", "hint", final=True)  # poor, not diverged: the regression check's job

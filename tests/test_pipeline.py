@@ -230,10 +230,29 @@ def test_recover_under_torchrun_equals_one_process(tiny_copy, tmp_path):
     shutil.rmtree(Layout.of(cfg).stage("recover"))
     torchrun = Path(sys.executable).parent / "torchrun"
     result = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", "--no-python", "fadrm", "recover",
-         "--preset", "tiny", "--no-track", "-S", f"out_dir={tiny_copy.out_dir}", "-S", "recover.batch_size=5",
-         "-S", "tracking.enabled=false"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        [
+            str(torchrun),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            "--no-python",
+            "fadrm",
+            "recover",
+            "--preset",
+            "tiny",
+            "--no-track",
+            "-S",
+            f"out_dir={tiny_copy.out_dir}",
+            "-S",
+            "recover.batch_size=5",
+            "-S",
+            "tracking.enabled=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
         env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"},  # noqa: E501
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -62,9 +62,19 @@ def images(size: int = 32, seed: int = 0) -> torch.Tensor:
 
 def run(x_init, rc: RecoverConfig, ts=None, merges=True, seed=0):
     bounds = (torch.full((1, 3, 1, 1), LOW), torch.full((1, 3, 1, 1), HIGH))
-    return recover_batch(x_init, LABELS, ts if ts is not None else teachers(), rc.schedule, rc, merges=merges,
-                         bounds=bounds, jitter_limit=3, crop_scale=(1.0, 1.0), precision="fp32",
-                         rng=np.random.default_rng(seed))
+    return recover_batch(
+        x_init,
+        LABELS,
+        ts if ts is not None else teachers(),
+        rc.schedule,
+        rc,
+        merges=merges,
+        bounds=bounds,
+        jitter_limit=3,
+        crop_scale=(1.0, 1.0),
+        precision="fp32",
+        rng=np.random.default_rng(seed),
+    )
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -123,8 +133,7 @@ def test_recover_batch_follows_the_reference(case):
     x_init = images()
     ts = teachers(2)
     got, log = run(x_init, rc, ts)
-    want = reference(x_init, [t.model for t in ts], kw["schedule"], kw["lr"], kw["alpha"], kw["ce_weight"],
-                     kw["bn_weight"], 10.0)
+    want = reference(x_init, [t.model for t in ts], kw["schedule"], kw["lr"], kw["alpha"], kw["ce_weight"], kw["bn_weight"], 10.0)
     assert got.shape == want.shape == x_init.shape
     # Adam divides by the gradient's size, so a pixel whose gradient is ~0 can differ in rounding by up to
     # ~1e-4; a changed beta, step size or weight moves the images by 0.05 or more (see the test below).
@@ -138,8 +147,7 @@ def test_the_reference_tells_the_betas_and_the_schedule_apart():
     x_init, ts = images(), teachers(2)
     rc = RecoverConfig(first_bn_weight=10.0, **kw)
     got, _ = run(x_init, rc, ts)
-    other = reference(x_init, [t.model for t in ts], kw["schedule"], kw["lr"], kw["alpha"], kw["ce_weight"],
-                      kw["bn_weight"], 1.0)
+    other = reference(x_init, [t.model for t in ts], kw["schedule"], kw["lr"], kw["alpha"], kw["ce_weight"], kw["bn_weight"], 1.0)
     assert (got - other).abs().max() > 1e-2
 
 
@@ -215,8 +223,9 @@ def test_teachers_take_turns_one_per_step():
 
 @pytest.mark.parametrize("term", ["bn", "ce"])
 def test_each_loss_term_alone_moves_the_images_and_is_logged(term):
-    rc = RecoverConfig(schedule=((32, 8),), lr=0.05, log_every=1,
-                       ce_weight=1.0 if term == "ce" else 0.0, bn_weight=1.0 if term == "bn" else 0.0)
+    rc = RecoverConfig(
+        schedule=((32, 8),), lr=0.05, log_every=1, ce_weight=1.0 if term == "ce" else 0.0, bn_weight=1.0 if term == "bn" else 0.0
+    )
     x_init = images()
     out, log = run(x_init, rc, teachers(1))
     assert (out - x_init).abs().max() > 0.05
@@ -249,8 +258,14 @@ def test_the_stage_hands_the_config_to_recover_batch(tiny_copy, monkeypatch):
     """What the recover stage passes down: the resolved schedule, alpha, the BN weights, merges."""
     from .conftest import tiny_config
 
-    cfg = tiny_config(tiny_copy.out_dir, "recover.alpha=0.35", "recover.first_bn_weight=7.0", "recover.bn_weight=0.03",
-                      "recover.ce_weight=0.5", "recover.lr=0.07")
+    cfg = tiny_config(
+        tiny_copy.out_dir,
+        "recover.alpha=0.35",
+        "recover.first_bn_weight=7.0",
+        "recover.bn_weight=0.03",
+        "recover.ce_weight=0.5",
+        "recover.lr=0.07",
+    )
     calls = []
     real = recover_module.recover_batch
 
@@ -286,8 +301,20 @@ def test_a_merge_with_anchors_pulls_towards_the_nearest_one():
     anchors = torch.stack([x_init, decoy, -decoy], dim=1)
     bounds = (torch.full((1, 3, 1, 1), LOW), torch.full((1, 3, 1, 1), HIGH))
     rc = RecoverConfig(schedule=((32, 5), (32, 0)), lr=0.3, alpha=0.0)
-    out, _ = recover_batch(x_init, LABELS, teachers(), rc.schedule, rc, merges=True, bounds=bounds, jitter_limit=3,
-                           crop_scale=(1.0, 1.0), precision="fp32", rng=np.random.default_rng(0), anchors=anchors)
+    out, _ = recover_batch(
+        x_init,
+        LABELS,
+        teachers(),
+        rc.schedule,
+        rc,
+        merges=True,
+        bounds=bounds,
+        jitter_limit=3,
+        crop_scale=(1.0, 1.0),
+        precision="fp32",
+        rng=np.random.default_rng(0),
+        anchors=anchors,
+    )
     assert torch.equal(out, decoy)
 
 

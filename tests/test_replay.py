@@ -71,7 +71,7 @@ def test_stored_records_describe_the_labelled_pixels(tiny_run):
     images, _, _ = load_set(layout.stage("recover"))
     labels = SoftLabels.open(layout.stage("relabel"), data, CPU, layout.stage("squeeze"))
     assert labels.stored
-    (_, teacher), = load_teachers(layout.stage("squeeze"), data, CPU)
+    ((_, teacher),) = load_teachers(layout.stage("squeeze"), data, CPU)
     images01 = images.numpy().astype(np.float64) / 255
     size = data.resolution
     mixed = flipped = 0
@@ -119,7 +119,7 @@ def test_the_student_trains_on_the_views_that_were_labelled(tiny_copy, monkeypat
     evaluate_module.evaluate(cfg)
     layout = Layout.of(cfg)
     data = Prepared(layout.stage("prepare"))
-    (_, teacher), = load_teachers(layout.stage("squeeze"), data, CPU)
+    ((_, teacher),) = load_teachers(layout.stage("squeeze"), data, CPU)
     n = len(load_set(layout.stage("recover"))[0])
     assert len(targets) == 5 * -(-n // cfg.evaluate.batch_size), "one soft target per student batch"
     for x, target in zip(fed, targets):  # (fed also holds the FLOP count's forward pass, after training)

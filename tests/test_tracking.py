@@ -56,8 +56,14 @@ def test_pipeline_run_tree_params_metrics_artifacts(tmp_path, monkeypatch):
     # resolved config, flattened
     assert parent.data.params["recover.alpha"] == "0.5" and parent.data.params["preset"] == "tiny"
     # summary and efficiency figures
-    for key in ("student_top1", "student_top5", "teacher_top1", "recover_s_per_image", "stages.recover.seconds",
-                "stages.recover.peak_mem_mb"):
+    for key in (
+        "student_top1",
+        "student_top5",
+        "teacher_top1",
+        "recover_s_per_image",
+        "stages.recover.seconds",
+        "stages.recover.peak_mem_mb",
+    ):
         assert key in parent.data.metrics
     # lineage: dataset with its content hash, teachers' sha256, synthetic images' sources
     (dataset_input,) = parent.inputs.dataset_inputs
@@ -114,10 +120,26 @@ def mlflow_server(tmp_path):
     port = _free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", _uri(tmp_path / "server"), "--artifacts-destination", str(tmp_path / "server-art"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            _uri(tmp_path / "server"),
+            "--artifacts-destination",
+            str(tmp_path / "server-art"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
     )
     (tmp_path / "server").mkdir()
     url = f"http://127.0.0.1:{port}"
@@ -157,7 +179,8 @@ def test_compare_two_runs(tiny_copy, tmp_path, monkeypatch):
     assert len(parents) == 2
     # distinct, meaningful names: method, IPC, preset, the run id's first characters
     assert sorted(p.info.run_name for p in parents) == sorted(
-        f"{p.data.params['method']}-ipc2-tiny-{p.info.run_id[:7]}" for p in parents)
+        f"{p.data.params['method']}-ipc2-tiny-{p.info.run_id[:7]}" for p in parents
+    )
     ids = [p.info.run_id for p in parents]
     result = runner.invoke(app, ["compare", ids[0][:6], ids[1][:8]])  # the short ids the names carry
     assert result.exit_code == 0, result.output

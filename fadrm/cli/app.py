@@ -22,17 +22,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ParamsOpt = Annotated[
-    Path, typer.Option("--params", "-p", help="Parameters file (missing default: built-in defaults).")
-]
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Parameters file (missing default: built-in defaults).")]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-S", help="Override one value, dotted like `dvc exp run -S` (repeatable).",
-                 metavar="KEY=VALUE"),
+    typer.Option("--set", "-S", help="Override one value, dotted like `dvc exp run -S` (repeatable).", metavar="KEY=VALUE"),
 ]
-PresetOpt = Annotated[
-    str | None, typer.Option("--preset", help="Named preset applied over the params file (`fadrm presets`).")
-]
+PresetOpt = Annotated[str | None, typer.Option("--preset", help="Named preset applied over the params file (`fadrm presets`).")]
 NoTrackOpt = Annotated[bool, typer.Option("--no-track", help="Run without experiment tracking (MLflow).")]
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -78,8 +73,12 @@ def guarded(func):
             problem = storage_problem(exc, func.__name__, Path.cwd())
             if problem is not None:
                 _fail(exc, f"error: {problem}", problem.exit_code)
-            _fail(exc, f"error: unexpected {type(exc).__name__}: {exc} — this is a bug in fadrm; "
-                       "rerun with `fadrm --debug ...` for the traceback and report it", 3)
+            _fail(
+                exc,
+                f"error: unexpected {type(exc).__name__}: {exc} — this is a bug in fadrm; "
+                "rerun with `fadrm --debug ...` for the traceback and report it",
+                3,
+            )
 
     return wrapper
 

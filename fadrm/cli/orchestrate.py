@@ -8,9 +8,6 @@ stages in this process without Prefect.
 from __future__ import annotations
 
 import json
-import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Annotated
 
@@ -18,36 +15,13 @@ import typer
 
 from fadrm.cli.app import DEFAULT_PARAMS, NoTrackOpt, ParamsOpt, PresetOpt, SetOpt, app, config_from, echo, guarded
 from fadrm.cli.stages import ForceOpt, announce, print_summary
-from fadrm.errors import FadrmError
 
 
-class PrefectUnreachable(FadrmError):
-    """PREFECT_API_URL names a server that does not answer."""
+def check_prefect_api() -> None:
+    """Fail at once, before any work, when the Prefect server named by the settings does not answer."""
+    from flows.server import check_prefect_api as check
 
-
-def check_prefect_api(timeout: float = 5.0) -> None:
-    """Fail at once, before any work, when ``PREFECT_API_URL`` is set but its server does not answer."""
-    url = os.environ.get("PREFECT_API_URL")
-    if not url:
-        try:  # or set in the active Prefect profile
-            from prefect.settings import get_current_settings
-
-            url = get_current_settings().api.url
-        except Exception:  # noqa: BLE001 - no readable setting: Prefect's ephemeral mode
-            url = None
-    if not url:
-        return  # Prefect's ephemeral mode on this machine
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as response:
-            if response.status == 200:
-                return
-            problem = f"HTTP {response.status}"
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        problem = str(getattr(exc, "reason", exc))
-    raise PrefectUnreachable(
-        f"the Prefect server at PREFECT_API_URL={url} is unreachable ({problem}). Start it (`prefect server "
-        "start`), unset PREFECT_API_URL to use Prefect's ephemeral mode, or run without Prefect: --local"
-    )
+    check()
 
 
 LocalOpt = Annotated[bool, typer.Option("--local", help="Run the stages in this process, without Prefect.")]

@@ -49,8 +49,11 @@ STAGE_HELP = {
 
 ShardOpt = Annotated[
     str | None,
-    typer.Option("--shard", metavar="I/N", help="Do only shard I of N of the work (0 <= I < N) and publish nothing; "
-                 "the stage without --shard assembles the shards."),
+    typer.Option(
+        "--shard",
+        metavar="I/N",
+        help="Do only shard I of N of the work (0 <= I < N) and publish nothing; the stage without --shard assembles the shards.",
+    ),
 ]
 
 

@@ -101,8 +101,9 @@ def safe_extract(archive: Path, dest: Path) -> None:
         raise DataError(f"{archive}: not a readable tar archive ({exc})") from None
     except (EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as exc:
         # a truncated or corrupted compressed stream (a download cut short)
-        raise DataError(f"{archive}: the archive is truncated or corrupted ({type(exc).__name__}: {exc}); "
-                        "download or copy it again") from None
+        raise DataError(
+            f"{archive}: the archive is truncated or corrupted ({type(exc).__name__}: {exc}); download or copy it again"
+        ) from None
     except OSError as exc:
         if exc.errno is not None:
             raise  # a file-system failure while extracting (full disk, permissions): reported as such
@@ -116,9 +117,7 @@ def find_root(base: Path) -> Path:
     for folder in candidates:
         if (folder / "train").is_dir():
             return folder
-    raise DataError(
-        f"no 'train/' folder in {base} (expected train/<class>/<images> with val/ or test/ beside it)"
-    )
+    raise DataError(f"no 'train/' folder in {base} (expected train/<class>/<images> with val/ or test/ beside it)")
 
 
 # ----------------------------------------------------------------------------- ImageFolder

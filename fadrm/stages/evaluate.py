@@ -63,9 +63,7 @@ def evaluate(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
         weights = accumulation_weights(sizes, ev.accumulate)  # each step: the mean over the samples it saw
         steps_per_epoch = math.ceil(micro / ev.accumulate)
         total = ev.epochs * steps_per_epoch
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: warmup_cosine(s, total, 0, ev.final_lr_fraction)
-        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, 0, ev.final_lr_fraction))
         scaler = grad_scaler(device, precision)
         rank, world = distributed.rank(), distributed.world_size()
         where, hint = f"evaluate ({ev.student})", f"lower evaluate.lr (now {ev.lr:g})"
@@ -120,8 +118,9 @@ def evaluate(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
                 run.tracker.log_metrics({f"student_{k}": v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             progress.update()
         progress.close()
-        run.metrics.update(world_size=world, student=ev.student, epochs=ev.epochs, labels=ev.labels,
-                           label_mode=soft.recipe["mode"], images=n)
+        run.metrics.update(
+            world_size=world, student=ev.student, epochs=ev.epochs, labels=ev.labels, label_mode=soft.recipe["mode"], images=n
+        )
         if distributed.is_main():
             _report(run, cfg, student, data, soft, curve, best)
     if distributed.is_main():
@@ -152,18 +151,38 @@ def _data_parallel(student: nn.Module, device: torch.device) -> nn.Module:
 
 def _report(run, cfg: Config, student: nn.Module, data: Prepared, soft: SoftLabels, curve: list[dict], best) -> None:
     ev = cfg.evaluate
-    save_weights(student, run.dir / "student.safetensors", {
-        "arch": ev.student, "num_classes": data.num_classes, "resolution": data.resolution,
-        "dataset_hash": data.digest, "top1": round(curve[-1]["top1"], 4), "config": cfg.sections(("evaluate",)),
-    })
+    save_weights(
+        student,
+        run.dir / "student.safetensors",
+        {
+            "arch": ev.student,
+            "num_classes": data.num_classes,
+            "resolution": data.resolution,
+            "dataset_hash": data.digest,
+            "top1": round(curve[-1]["top1"], 4),
+            "config": cfg.sections(("evaluate",)),
+        },
+    )
     tested = [{k: r[k] for k in ("epoch", "top1", "top5")} for r in curve if "top1" in r]
     run.plots["evaluate_accuracy"] = tested
     run.plots["evaluate_loss"] = [{k: r[k] for k in ("epoch", "train_loss", "lr")} for r in curve]
-    line_plot(tested, "epoch", Axis(("top1", "top5"), "test accuracy (%)", percent=True), run.dir / "accuracy.png",
-              f"student {ev.student} on the real test split", xlabel="epoch")
+    line_plot(
+        tested,
+        "epoch",
+        Axis(("top1", "top5"), "test accuracy (%)", percent=True),
+        run.dir / "accuracy.png",
+        f"student {ev.student} on the real test split",
+        xlabel="epoch",
+    )
     loss_name = "KL divergence to the soft labels" if ev.labels == "soft" else "cross-entropy"
-    line_plot(curve, "epoch", Axis(("train_loss",), f"training loss ({loss_name})"), run.dir / "loss.png",
-              f"student {ev.student} on the distilled set", xlabel="epoch")
+    line_plot(
+        curve,
+        "epoch",
+        Axis(("train_loss",), f"training loss ({loss_name})"),
+        run.dir / "loss.png",
+        f"student {ev.student} on the distilled set",
+        xlabel="epoch",
+    )
     run.artifacts += ["accuracy.png", "loss.png", "student.json"]
     n = run.metrics["images"]
     device = run.device
@@ -171,8 +190,7 @@ def _report(run, cfg: Config, student: nn.Module, data: Prepared, soft: SoftLabe
     flops += flops_per_sample(student, data.resolution, device) * len(tested) * len(data.split("test"))
     if soft.teachers is not None:  # online labels: the teachers run during training
         flops += sum(flops_per_sample(m, data.resolution, device) for _, m in soft.teachers) * ev.epochs * n
-    run.metrics.update(flops=flops, top1=curve[-1]["top1"], top5=curve[-1]["top5"], best_top1=best[0],
-                       best_top5=best[1])
+    run.metrics.update(flops=flops, top1=curve[-1]["top1"], top5=curve[-1]["top5"], best_top1=best[0], best_top5=best[1])
 
 
 def _mixed_ce(logits: torch.Tensor, targets: torch.Tensor, views, pos: np.ndarray, size: int) -> torch.Tensor:

@@ -108,9 +108,7 @@ def prepare(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
             writer.writerow(["split", "class", "path", "sha256"])
             writer.writerows(rows)
         digest = hashlib.sha256("".join("\t".join(r) + "\n" for r in rows).encode()).hexdigest()
-        counts = {
-            split: {c: int((labels[split] == i).sum()) for i, c in enumerate(classes)} for split in ("train", "test")
-        }
+        counts = {split: {c: int((labels[split] == i).sum()) for i, c in enumerate(classes)} for split in ("train", "test")}
         manifest = {
             "name": name,
             "name_from": "data.name" if data.name else ("built-in subset" if data.source == "builtin" else "folder/archive name"),
@@ -177,7 +175,7 @@ def _measured_resolution(root: Path, files) -> tuple[int, str]:
             f"{example} is {other[0]}x{other[1]}); set data.resolution (e.g. 32, 64 or 224): every image is then "
             "resized to it on its shorter side and centre-cropped"
         )
-    (width, height), = distinct
+    ((width, height),) = distinct
     return min(width, height), f"image size ({width}x{height})"
 
 

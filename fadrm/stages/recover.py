@@ -90,17 +90,27 @@ def recover(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
         else:
             images, loss_rows, stats = init, [], {"iterations": 0, "s_per_image": 0.0}
         entries = [
-            {"label": e["label"], "class": e["class"], "init": e["file"], "patches": e["patches"]}
-            for e in init_manifest["images"]
+            {"label": e["label"], "class": e["class"], "init": e["file"], "patches": e["patches"]} for e in init_manifest["images"]
         ]
-        header = {"method": cfg.method, "ipc": init_manifest["ipc"], "resolution": data.resolution,
-                  "classes": data.classes, "dataset_hash": data.digest}
+        header = {
+            "method": cfg.method,
+            "ipc": init_manifest["ipc"],
+            "resolution": data.resolution,
+            "classes": data.classes,
+            "dataset_hash": data.digest,
+        }
         save_set(run.dir, images, entries, header)
         grid_by_class(run.dir / "grid.png", data.classes, [("init", init, labels), ("synthetic", images, labels)])
         run.plots["recover_loss"] = loss_rows
         if loss_rows:
-            line_plot(loss_rows, "step", Axis(("loss", "ce", "bn"), "loss, mean over batches (log scale)", log=True),
-                      run.dir / "loss.png", f"recover ({cfg.method})", xlabel="iteration (all resolution stages)")
+            line_plot(
+                loss_rows,
+                "step",
+                Axis(("loss", "ce", "bn"), "loss, mean over batches (log scale)", log=True),
+                run.dir / "loss.png",
+                f"recover ({cfg.method})",
+                xlabel="iteration (all resolution stages)",
+            )
             run.artifacts.append("loss.png")
         run.artifacts += ["manifest.json", "grid.png"]
         run.metrics.update(images=len(entries), psnr_vs_init=psnr(images, init), **stats)
@@ -167,8 +177,7 @@ def resolve_schedule(rc: RecoverConfig, resolution: int, spec: MethodSpec) -> Sc
     schedule = tuple(tuple(p) for p in rc.schedule) if rc.schedule else default_schedule(resolution, rc.iterations)
     if schedule[-1][0] != resolution:
         raise ConfigError(
-            f"recover.schedule ends at {schedule[-1][0]} px but the dataset is {resolution} px; "
-            f"the last stage must be at {resolution}"
+            f"recover.schedule ends at {schedule[-1][0]} px but the dataset is {resolution} px; the last stage must be at {resolution}"
         )
     if spec.single_resolution:
         schedule = ((resolution, sum(iters for _, iters in schedule)),)
@@ -268,8 +277,7 @@ class Recovery:
     Finished batches are files in ``<out>/.recover.partial/<fingerprint>/``.
     """
 
-    def __init__(self, cfg: Config, layout: Layout, device: torch.device, data: Prepared, init: torch.Tensor,
-                 labels: np.ndarray):
+    def __init__(self, cfg: Config, layout: Layout, device: torch.device, data: Prepared, init: torch.Tensor, labels: np.ndarray):
         self.cfg, self.rc, self.device, self.data = cfg, cfg.recover, device, data
         self.spec = METHODS[cfg.method]
         self.init, self.labels = init, labels
@@ -286,8 +294,7 @@ class Recovery:
         self.precision = "fp32" if self.spec.fp32 else resolve_precision(self.rc.precision, device)
         self.bounds = (data.normalize(torch.zeros(1, 3, 1, 1)), data.normalize(torch.ones(1, 3, 1, 1)))
         self.jitter = self.rc.jitter if self.rc.jitter is not None else default_jitter(data.resolution)
-        self.crop_scale = (tuple(self.rc.crop_scale) if self.rc.crop_scale is not None
-                           else default_recover_crop_scale(data.resolution))
+        self.crop_scale = tuple(self.rc.crop_scale) if self.rc.crop_scale is not None else default_recover_crop_scale(data.resolution)
         order = _class_interleaved(labels)
         self.batches = [order[s : s + self.rc.batch_size] for s in range(0, len(order), self.rc.batch_size)]
         self.partial = layout.partial("recover") / stage_fingerprint("recover", cfg, layout)[:16]
@@ -319,8 +326,11 @@ class Recovery:
         """Recover the shard's batches that are not on disk yet; time and count them."""
         self.partial.mkdir(parents=True, exist_ok=True)
         owned = shard.units(len(self.batches))
-        progress = bar(len(owned) * self.total_steps, f"recover ({self.cfg.method}) shard {shard}"
-                       if shard.count > 1 else f"recover ({self.cfg.method})", unit="step")
+        progress = bar(
+            len(owned) * self.total_steps,
+            f"recover ({self.cfg.method}) shard {shard}" if shard.count > 1 else f"recover ({self.cfg.method})",
+            unit="step",
+        )
         busy, resumed, fresh = 0.0, 0.0, 0
         for b in owned:
             if self.batch_file(b).is_file():  # finished before an interruption, or by another shard
@@ -333,22 +343,37 @@ class Recovery:
             fresh += len(self.batches[b])
         progress.close()
         images = sum(len(self.batches[b]) for b in owned)
-        return {"s_per_image": round((busy + resumed) / images, 4) if images else None,  # resumed batches count
-                "recovered_images": fresh, "resumed_seconds": resumed}
+        return {
+            "s_per_image": round((busy + resumed) / images, 4) if images else None,  # resumed batches count
+            "recovered_images": fresh,
+            "resumed_seconds": resumed,
+        }
 
     def _recover_one(self, b: int, progress) -> None:
         start = time.perf_counter()
         idx = self.batches[b]
         names = [f"{self.data.classes[self.labels[i]]}#{i}" for i in idx]
         x, log = recover_batch(
-            self.data.to_input(self.init[idx], self.device), torch.from_numpy(self.labels[idx]).to(self.device),
-            self.teachers, self.schedule, self.rc, merges=self.spec.merges, bounds=self.bounds,
-            jitter_limit=self.jitter, crop_scale=self.crop_scale, precision=self.precision,
-            rng=np.random.default_rng([self.cfg.seed, b, 0x2EC0]), on_step=progress.update, names=names,
+            self.data.to_input(self.init[idx], self.device),
+            torch.from_numpy(self.labels[idx]).to(self.device),
+            self.teachers,
+            self.schedule,
+            self.rc,
+            merges=self.spec.merges,
+            bounds=self.bounds,
+            jitter_limit=self.jitter,
+            crop_scale=self.crop_scale,
+            precision=self.precision,
+            rng=np.random.default_rng([self.cfg.seed, b, 0x2EC0]),
+            on_step=progress.update,
+            names=names,
             anchors=self.batch_anchors(idx),
         )
-        saved = {"images": to_uint8(self.data.denormalize(x)), "log": torch.tensor(log, dtype=torch.float64),
-                 "seconds": time.perf_counter() - start}
+        saved = {
+            "images": to_uint8(self.data.denormalize(x)),
+            "log": torch.tensor(log, dtype=torch.float64),
+            "seconds": time.perf_counter() - start,
+        }
         tmp = self.batch_file(b).with_suffix(".tmp")
         torch.save(saved, tmp)
         tmp.replace(self.batch_file(b))
@@ -368,15 +393,19 @@ class Recovery:
         mean_log = torch.stack(logs).mean(0).tolist()  # the loss curve: mean over batches at every logged step
         rows = [{"step": int(step), "loss": loss, "ce": ce, "bn": bn} for step, loss, ce, bn in mean_log]
         for row in rows[:: max(1, len(rows) // 100)]:  # at most ~100 points to the tracker
-            tracker.log_metrics({"recover_loss": row["loss"], "recover_ce": row["ce"], "recover_bn": row["bn"]},
-                                step=row["step"])
+            tracker.log_metrics({"recover_loss": row["loss"], "recover_ce": row["ce"], "recover_bn": row["bn"]}, step=row["step"])
         return out, rows
 
     def stats(self) -> dict:
         flops = _flops_per_step(self.teachers, self.schedule, self.rc.batch_size, self.data, self.device, self.precision)
-        return {"iterations": self.total_steps, "schedule": [list(p) for p in self.schedule],
-                "precision": self.precision, "teachers": [t.name for t in self.teachers],
-                "batches": len(self.batches), "flops": flops * len(self.batches)}
+        return {
+            "iterations": self.total_steps,
+            "schedule": [list(p) for p in self.schedule],
+            "precision": self.precision,
+            "teachers": [t.name for t in self.teachers],
+            "batches": len(self.batches),
+            "flops": flops * len(self.batches),
+        }
 
     def close(self) -> None:
         for teacher in self.teachers:

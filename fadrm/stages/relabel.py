@@ -51,8 +51,7 @@ def relabel(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
         images, _, _ = load_set(run.input("recover"))
         teachers = load_teachers(run.input("squeeze"), data, run.device)
         recipe = make_recipe(rl, len(images), data, cfg.seed, [name for name, _ in teachers])
-        run.metrics.update(mode=rl.mode, epochs=rl.epochs, views=len(images) * rl.epochs,
-                           world_size=distributed.world_size())
+        run.metrics.update(mode=rl.mode, epochs=rl.epochs, views=len(images) * rl.epochs, world_size=distributed.world_size())
         if rl.mode == "stored":
             partial = run.layout.partial("relabel") / stage_fingerprint("relabel", cfg, run.layout)[:16]
             labels = SoftLabels(recipe, data, run.device, teachers=teachers, precision=rl.precision)
@@ -60,8 +59,9 @@ def relabel(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
             distributed.barrier()  # under torchrun: every rank's epochs are on disk from here on
             save_file(_assemble(partial, rl.epochs), str(run.dir / LABELS))
             size = (run.dir / LABELS).stat().st_size
-            run.metrics.update(bytes_total=size, bytes_per_image_epoch=round(size / (len(images) * rl.epochs), 2),
-                               storage=recipe["storage"])
+            run.metrics.update(
+                bytes_total=size, bytes_per_image_epoch=round(size / (len(images) * rl.epochs), 2), storage=recipe["storage"]
+            )
             flops = sum(flops_per_sample(m, data.resolution, run.device) for _, m in teachers)
             run.metrics["flops"] = flops * len(images) * rl.epochs
         else:
@@ -77,11 +77,20 @@ def relabel(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
 def make_recipe(rl: RelabelConfig, num_images: int, data: Prepared, seed: int, teachers: list[str]) -> dict:
     """Everything that decides the views and how their labels are kept."""
     top_k = rl.top_k if rl.top_k is not None and rl.top_k < data.num_classes else None
-    return {"mode": rl.mode, "epochs": rl.epochs, "num_images": num_images, "size": data.resolution, "seed": seed,
-            "batch_size": rl.batch_size, "cutmix": rl.cutmix,
-            "crop_scale": list(rl.crop_scale or default_relabel_crop_scale(data.resolution)),
-            "teachers": teachers, "num_classes": data.num_classes, "top_k": top_k,
-            "storage": "fp16" if top_k is None else f"top{top_k}-fp16"}
+    return {
+        "mode": rl.mode,
+        "epochs": rl.epochs,
+        "num_images": num_images,
+        "size": data.resolution,
+        "seed": seed,
+        "batch_size": rl.batch_size,
+        "cutmix": rl.cutmix,
+        "crop_scale": list(rl.crop_scale or default_relabel_crop_scale(data.resolution)),
+        "teachers": teachers,
+        "num_classes": data.num_classes,
+        "top_k": top_k,
+        "storage": "fp16" if top_k is None else f"top{top_k}-fp16",
+    }
 
 
 def _label_epochs(labels: SoftLabels, images: torch.Tensor, partial: Path, shard: Shard) -> None:
@@ -147,8 +156,9 @@ def decode(parts: dict[str, torch.Tensor], num_classes: int) -> torch.Tensor:
 class SoftLabels:
     """Views and teacher logits for any epoch, from stored labels or computed online."""
 
-    def __init__(self, recipe: dict, data: Prepared, device: torch.device, teachers=None, stored: Path | None = None,
-                 precision: str = "auto"):
+    def __init__(
+        self, recipe: dict, data: Prepared, device: torch.device, teachers=None, stored: Path | None = None, precision: str = "auto"
+    ):
         self.recipe, self.data, self.device = recipe, data, device
         self.teachers = teachers
         self.precision = resolve_precision(precision, device)
@@ -156,8 +166,7 @@ class SoftLabels:
         self._file = safe_open(str(stored), framework="pt") if stored is not None else None
 
     @classmethod
-    def open(cls, folder: Path, data: Prepared, device: torch.device, squeeze_dir: Path,
-             precision: str = "auto") -> SoftLabels:
+    def open(cls, folder: Path, data: Prepared, device: torch.device, squeeze_dir: Path, precision: str = "auto") -> SoftLabels:
         if not (folder / RECIPE).is_file():
             raise MissingInputError(f"no soft labels in {folder}; run `fadrm relabel` first")
         recipe = read_json(folder / RECIPE)
@@ -176,8 +185,9 @@ class SoftLabels:
     def views(self, epoch: int) -> Views:
         """Epoch ``epoch``'s views (evaluation past the recorded epochs cycles through them)."""
         r = self.recipe
-        return sample_views(r["num_images"], r["size"], r["size"], r["seed"], epoch % self.epochs, r["batch_size"],
-                            tuple(r["crop_scale"]), r["cutmix"])
+        return sample_views(
+            r["num_images"], r["size"], r["size"], r["seed"], epoch % self.epochs, r["batch_size"], tuple(r["crop_scale"]), r["cutmix"]
+        )
 
     def render(self, images: torch.Tensor, views: Views, positions: np.ndarray) -> torch.Tensor:
         """The normalised views at ``positions`` of ``images`` (uint8, or floats in [0, 1])."""
@@ -200,8 +210,7 @@ class SoftLabels:
             total = out if total is None else total + out
         return total / len(self.teachers)
 
-    def logits(self, epoch: int, images: torch.Tensor | None, views: Views, positions: np.ndarray,
-               at: str = "") -> torch.Tensor:
+    def logits(self, epoch: int, images: torch.Tensor | None, views: Views, positions: np.ndarray, at: str = "") -> torch.Tensor:
         """The labels of the view records at ``positions`` (a contiguous range) of ``epoch``."""
         if self._file is None:
             return self.teacher_logits(images, views, positions, at=at)

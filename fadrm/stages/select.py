@@ -76,13 +76,19 @@ def select(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
         distributed.barrier()
         images, entries, extra = plan.assemble()
         data = plan.data
-        header = {"method": cfg.method, "init": spec.init, "ipc": cfg.ipc, "resolution": data.resolution,
-                  "classes": data.classes, "dataset_hash": data.digest, **extra}
+        header = {
+            "method": cfg.method,
+            "init": spec.init,
+            "ipc": cfg.ipc,
+            "resolution": data.resolution,
+            "classes": data.classes,
+            "dataset_hash": data.digest,
+            **extra,
+        }
         save_set(run.dir, images, entries, header)
         if plan.anchors and min(len(a) for a in plan.anchors.values()) > 0:
             size = min(len(a) for a in plan.anchors.values())
-            save_file({"pixels": torch.stack([plan.anchors[c][:size] for c in range(data.num_classes)])},
-                      str(run.dir / ANCHORS))
+            save_file({"pixels": torch.stack([plan.anchors[c][:size] for c in range(data.num_classes)])}, str(run.dir / ANCHORS))
         labels = np.asarray([e["label"] for e in entries])
         grid_by_class(run.dir / "grid.png", data.classes, [("init", images, labels)])
         run.artifacts += ["manifest.json", "grid.png"]
@@ -162,8 +168,10 @@ class Selection:
         if self.spec.init == "patches":
             res = self.data.resolution
             extra = {"factor": self.factor, "teacher": self.teacher[0], "patch_size": res // self.factor}
-            scored = sum(min(self.cfg.select.candidates, len(self.train.class_indices(c)))
-                         for c in range(self.data.num_classes)) * self.cfg.select.crops_per_image
+            scored = (
+                sum(min(self.cfg.select.candidates, len(self.train.class_indices(c))) for c in range(self.data.num_classes))
+                * self.cfg.select.crops_per_image
+            )
             self.flops = flops_per_sample(self.teacher[1], res, self.device) * scored
         return torch.cat(images), entries, extra
 
@@ -187,8 +195,7 @@ class Selection:
             )
         chosen = np.sort(rng.choice(pool, size=count, replace=False))
         precision = resolve_precision("auto", self.device)
-        best = _best_crop_per_image(self.teacher[1], data, self.train, chosen, label, patch, sel, rng, self.device,
-                                    precision)
+        best = _best_crop_per_image(self.teacher[1], data, self.train, chosen, label, patch, sel, rng, self.device, precision)
         ranked = sorted(best, key=lambda b: b["score"])
         pool = [b.pop("pixels") for b in ranked[need : need + sel.anchor_pool]] if factor == 1 else []
         ranked = ranked[:need]
@@ -208,9 +215,14 @@ class Selection:
     def _random_images(self, label: int, rng: np.random.Generator):
         res = self.data.resolution
         chosen = np.sort(rng.choice(self.train.class_indices(label), size=self.cfg.ipc, replace=False))
-        entries = [{"label": label, "class": self.data.classes[label],
-                    "patches": [{"source": self.train.sources[i], "box": [0, 0, res, res], "score": None, "cell": 0}]}
-                   for i in chosen]
+        entries = [
+            {
+                "label": label,
+                "class": self.data.classes[label],
+                "patches": [{"source": self.train.sources[i], "box": [0, 0, res, res], "score": None, "cell": 0}],
+            }
+            for i in chosen
+        ]
         return self.train.load(chosen, res), entries
 
     def _noise(self, label: int, rng: np.random.Generator):
@@ -252,6 +264,7 @@ def _best_crop_per_image(teacher, data, train, chosen, label, patch, sel, rng, d
     for i, source_index in enumerate(chosen):
         j = i * per + int(np.argmin(scores[i * per : (i + 1) * per]))
         top, left, h, w = (int(v) for v in boxes[j])
-        best.append({"source": train.sources[source_index], "box": [top, left, h, w],
-                     "score": round(float(scores[j]), 5), "pixels": pixels[j]})
+        best.append(
+            {"source": train.sources[source_index], "box": [top, left, h, w], "score": round(float(scores[j]), 5), "pixels": pixels[j]}
+        )
     return best

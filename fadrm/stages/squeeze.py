@@ -38,8 +38,11 @@ from fadrm.weights import load_weights, save_weights
 
 
 def _weight_files(cfg: Config) -> dict[str, Path]:
-    return {f"squeeze.teachers.{i}.weights": Path(t.weights) for i, t in enumerate(cfg.squeeze.teachers)
-            if t.weights not in (None, "pretrained")}
+    return {
+        f"squeeze.teachers.{i}.weights": Path(t.weights)
+        for i, t in enumerate(cfg.squeeze.teachers)
+        if t.weights not in (None, "pretrained")
+    }
 
 
 def input_files(cfg: Config) -> dict[str, Path]:
@@ -68,8 +71,7 @@ def squeeze(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
             flops += flops_per_sample(model, data.resolution, run.device, train=True) * trained
             flops += flops_per_sample(model, data.resolution, run.device) * len(data.split("test"))
             precision = resolve_precision(cfg.squeeze.precision, run.device)
-            top1, top5 = accuracy(model, data.test_batches(256, run.device, cfg.data.workers), precision,
-                                  who=f"squeeze {name}")
+            top1, top5 = accuracy(model, data.test_batches(256, run.device, cfg.data.workers), precision, who=f"squeeze {name}")
             card = save_weights(
                 model,
                 run.dir / f"{name}.safetensors",
@@ -91,9 +93,16 @@ def squeeze(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
             run.artifacts += [card["file"], Path(card["file"]).with_suffix(".json").name]
         write_json(run.dir / TEACHERS, cards)
         if run.plots.get("squeeze_loss"):
-            line_plot(run.plots["squeeze_loss"], "epoch", Axis(("train_loss",), "training loss (cross-entropy)"),
-                      run.dir / "loss.png", "teacher training", xlabel="epoch", group="teacher",
-                      right=Axis(("test_top1",), "test top-1 accuracy (%)", percent=True))
+            line_plot(
+                run.plots["squeeze_loss"],
+                "epoch",
+                Axis(("train_loss",), "training loss (cross-entropy)"),
+                run.dir / "loss.png",
+                "teacher training",
+                xlabel="epoch",
+                group="teacher",
+                right=Axis(("test_top1",), "test top-1 accuracy (%)", percent=True),
+            )
             run.artifacts.append("loss.png")
         run.artifacts.append(TEACHERS)
         run.metrics.update(
@@ -128,9 +137,7 @@ def train_teacher(model: nn.Module, name: str, data: Prepared, run: StageRun) ->
     cfg, sq = run.cfg, run.cfg.squeeze
     precision = resolve_precision(sq.precision, run.device)
     model = to_channels_last(model, sq.channels_last)
-    optimizer = torch.optim.SGD(
-        param_groups(model, sq.weight_decay), lr=sq.lr, momentum=sq.momentum, nesterov=sq.nesterov
-    )
+    optimizer = torch.optim.SGD(param_groups(model, sq.weight_decay), lr=sq.lr, momentum=sq.momentum, nesterov=sq.nesterov)
     steps_per_epoch = math.ceil(len(data.split("train")) / sq.batch_size)
     total, warmup = sq.epochs * steps_per_epoch, round(sq.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
@@ -141,8 +148,7 @@ def train_teacher(model: nn.Module, name: str, data: Prepared, run: StageRun) ->
     data_fp = read_json(run.layout.stage("prepare") / "stage.json")["fingerprint"]
     start, history, seconds = _resume(checkpoint, data_fp, cfg, model, optimizer, scheduler, scaler, generator)
     for row in history:
-        run.tracker.log_metrics({f"{k}.{name}": v for k, v in row.items() if k not in ("teacher", "epoch")},
-                                step=row["epoch"])
+        run.tracker.log_metrics({f"{k}.{name}": v for k, v in row.items() if k not in ("teacher", "epoch")}, step=row["epoch"])
     run.plots.setdefault("squeeze_loss", []).extend(history)
     run.resumed_seconds += seconds
     where, hint = f"squeeze {name}", f"lower squeeze.lr (now {sq.lr:g}) or raise squeeze.warmup_epochs"
@@ -152,8 +158,7 @@ def train_teacher(model: nn.Module, name: str, data: Prepared, run: StageRun) ->
         began = time.perf_counter()
         model.train()
         running, seen = 0.0, 0
-        for step, (x, y) in enumerate(data.train_batches(sq.batch_size, generator, run.device, sq.crop_padding,
-                                                         cfg.data.workers)):
+        for step, (x, y) in enumerate(data.train_batches(sq.batch_size, generator, run.device, sq.crop_padding, cfg.data.workers)):
             if sq.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(run.device, precision):
@@ -169,8 +174,7 @@ def train_teacher(model: nn.Module, name: str, data: Prepared, run: StageRun) ->
             progress.update()
             progress.set_postfix(epoch=epoch + 1, loss=f"{running / seen:.3f}", refresh=False)
         check_model(model, where, f"the end of epoch {epoch + 1}", hint)
-        check_epoch_loss(running / seen, data.num_classes, where, f"epoch {epoch + 1}", hint,
-                         final=epoch + 1 == sq.epochs)
+        check_epoch_loss(running / seen, data.num_classes, where, f"epoch {epoch + 1}", hint, final=epoch + 1 == sq.epochs)
         row = {"train_loss": running / seen, "lr": scheduler.get_last_lr()[0]}
         if sq.eval_every and (epoch + 1) % sq.eval_every == 0:
             row["test_top1"], _ = accuracy(model, data.test_batches(256, run.device, cfg.data.workers), precision)
@@ -178,8 +182,9 @@ def train_teacher(model: nn.Module, name: str, data: Prepared, run: StageRun) ->
         run.plots["squeeze_loss"].append({"teacher": name, "epoch": epoch + 1, **row})
         seconds += time.perf_counter() - began
         mine = [r for r in run.plots["squeeze_loss"] if r["teacher"] == name]
-        _save_checkpoint(checkpoint, data_fp, cfg, epoch + 1, model, optimizer, scheduler, scaler, generator,
-                         history=mine, seconds=seconds)
+        _save_checkpoint(
+            checkpoint, data_fp, cfg, epoch + 1, model, optimizer, scheduler, scaler, generator, history=mine, seconds=seconds
+        )
     progress.close()
     return sq.epochs  # the checkpoint stays until the stage is published: a later teacher may still fail
 
@@ -188,8 +193,9 @@ def _ckpt_key(data_fingerprint: str, cfg: Config) -> str:
     return fingerprint({"data": data_fingerprint, "params": cfg.sections(("seed", "squeeze"))})
 
 
-def _save_checkpoint(path, data_fp, cfg, epoch, model, optimizer, scheduler, scaler, generator, *,
-                     history: list[dict], seconds: float) -> None:
+def _save_checkpoint(
+    path, data_fp, cfg, epoch, model, optimizer, scheduler, scaler, generator, *, history: list[dict], seconds: float
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "history": json.dumps(history),
@@ -223,4 +229,3 @@ def _resume(path, data_fp, cfg, model, optimizer, scheduler, scaler, generator) 
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     return int(state["epoch"]), json.loads(state.get("history", "[]")), float(state.get("seconds", 0.0))
-
