@@ -307,6 +307,8 @@ def test_an_interrupt_keeps_finished_work_and_says_so(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # a shell's background job (CI under nohup, `cmd &`) starts with SIGINT ignored, and a child inherits that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     import time
 
