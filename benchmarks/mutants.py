@@ -299,6 +299,15 @@ def main() -> None:
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     with tempfile.TemporaryDirectory(prefix="fadrm-mutants-") as tmp:
         clean = copy_project(Path(tmp) / "clean")
+        # control: the unmutated copy must pass every test group used, or a red test would prove nothing
+        controls = {}
+        for tests in dict.fromkeys(m.tests for m in chosen):
+            red, failed, seconds = run_tests(clean, tests, args.timeout)
+            if red:
+                raise SystemExit(f"the unmutated project fails {', '.join(tests)}: {', '.join(failed[:5])}")
+            controls[" ".join(tests)] = round(seconds, 1)
+            print(f"control  {' '.join(tests):60} passes unmutated ({seconds:.0f} s)", flush=True)
+        results["_control"] = {"passed_unmutated": controls}
         for mutant in chosen:
             tree = Path(tmp) / mutant.name
             shutil.copytree(clean, tree)
@@ -322,13 +331,15 @@ def main() -> None:
 def render(results: dict) -> None:
     order = [m.name for m in MUTANTS if m.name in results]
     caught = sum(results[n]["caught"] for n in order)
+    control = results.get("_control", {}).get("passed_unmutated", {})
     lines = [
         "# Mutants: which test catches which break of the method",
         "",
         "Written by `python benchmarks/mutants.py`: each row is one edit of the package, the test modules "
         "that guard that part are run against it, and the tests that went red are listed.",
         "",
-        f"Caught: {caught} of {len(order)}.",
+        f"Caught: {caught} of {len(order)}. Control: the same test groups pass on the unmutated copy "
+        f"({'; '.join(f'`{t}`' for t in control) or 'not recorded'}).",
         "",
         "| mutant | the break | file | caught | tests that failed |",
         "|---|---|---|---|---|",

@@ -27,6 +27,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ConfigError(f"device '{name}' is not a device (use auto, cpu, cuda, cuda:N or mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device '{name}' requested but CUDA is not available here (use device: auto or cpu)")
+    if device.type == "cuda" and device.index is None:  # plain "cuda": the local rank's GPU under torchrun
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return device
 
 

@@ -30,7 +30,11 @@ def is_main() -> bool:
 def init(device: torch.device) -> None:
     """Join the process group torchrun set up (NCCL on GPUs, Gloo on CPUs); no-op alone."""
     if world_size() > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":  # this rank's GPU, bound before NCCL creates its communicator on it
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
 
 
 def barrier() -> None:

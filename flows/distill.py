@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from fadrm.config import Config, load_config
 from fadrm.errors import FadrmError
 from fadrm.jobs import distill
-from fadrm.pipeline import summary_table
+from fadrm.pipeline import SHARDED, summary_table
 from fadrm.tracking import mlflow_run_link
 
 
@@ -55,6 +55,20 @@ def as_tasks(name: str, run_stage: Callable[[], dict]) -> dict[str, Any]:
     return stage_task(name, run_stage)
 
 
+def sharded_tasks(cfg: Config, dask: str) -> Callable[[str, Callable[[], dict]], dict[str, Any]]:
+    """The executor with a Dask cluster: a stage that splits into shards first runs them there."""
+    from flows.sharding import parse_address, run_shards
+
+    parse_address(dask)  # a malformed address fails before any work
+
+    def execute(name: str, run_stage: Callable[[], dict]) -> dict[str, Any]:
+        if name in SHARDED:
+            run_shards(name, cfg, dask)
+        return stage_task(name, run_stage)
+
+    return execute
+
+
 def log_status(stage: str, status: str) -> None:
     get_run_logger().info("%s: %s", stage, status)
 
@@ -66,9 +80,14 @@ def distill_flow(
     overrides: list[str] | None = None,
     force: bool = False,
     track: bool = True,
+    dask: str | None = None,
 ) -> dict[str, Any]:
-    """prepare -> squeeze -> select -> recover -> relabel -> evaluate; returns the run summary."""
-    summary = distill(params, preset, overrides, track=track, force=force, execute=as_tasks, announce=log_status)
+    """prepare -> squeeze -> select -> recover -> relabel -> evaluate; returns the run summary.
+
+    ``dask``: a scheduler address or ``local:N``; select and recover then run one shard per
+    Dask worker (:mod:`flows.sharding`) before the stage assembles and publishes."""
+    execute = as_tasks if dask is None else sharded_tasks(load_config(params, preset, overrides or []), dask)
+    summary = distill(params, preset, overrides, track=track, force=force, execute=execute, announce=log_status)
     report(load_config(params, preset, overrides or []), summary)
     get_run_logger().info("DVC: %s", summary["dvc"])
     return summary

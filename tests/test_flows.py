@@ -370,3 +370,44 @@ def test_a_prefect_run_prints_no_traceback_and_no_warning(tmp_path):
     noisy = [line for line in output.splitlines() if re.search(r"\b(ERROR|WARNING|CRITICAL)\b|Warning:", line)]
     assert noisy == [], output[-4000:]
     assert "student top-1" in output
+
+
+@pytest.mark.slow
+def test_a_local_dask_cluster_of_two_workers_runs_the_shards_and_changes_no_byte(harness, tiny_run, tmp_path):
+    """`fadrm run --dask local:2`: select and recover run as one Prefect task per shard on a local
+    Dask cluster of two worker processes; the stages then assemble exactly what one process makes."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    from flows.distill import distill_flow
+
+    reference, _ = tiny_run
+    out = tmp_path / "out"
+    state = distill_flow(
+        params=str(tmp_path / "none.yaml"), preset="tiny", overrides=[f"out_dir={out}"], track=False, dask="local:2", return_state=True
+    )
+    state.result()
+    runs = _task_runs(state)  # the stages stay tasks of this flow; each fan-out is a subflow before its stage
+    assert [r for r in runs if not r.startswith("fadrm-shards")] == list(STAGE_ORDER)
+    assert runs.index("select") - 1 == runs.index("fadrm-shards-0") and runs[runs.index("recover") - 1].startswith("fadrm-shards")
+    names = [f"{stage} shard {i}/2" for stage in ("select", "recover") for i in range(2)]
+    with get_client(sync_client=True) as prefect:
+        shards = prefect.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=names)))
+    assert sorted(r.name for r in shards if r.state.is_completed()) == sorted(names)
+    metrics = {stage: json.loads((out / "metrics" / f"{stage}.json").read_text()) for stage in ("select", "recover")}
+    assert metrics["select"]["selected_classes"] == 0 and metrics["recover"]["recovered_images"] == 0  # all by shards
+    for stage in ("select", "recover"):
+        ours, theirs = out / stage / "images", Path(reference.out_dir) / stage / "images"
+        files = sorted(p.relative_to(theirs) for p in theirs.rglob("*.png"))
+        assert files and files == sorted(p.relative_to(ours) for p in ours.rglob("*.png"))
+        assert all((ours / f).read_bytes() == (theirs / f).read_bytes() for f in files), stage
+
+
+def test_a_malformed_dask_address_is_refused_before_any_work():
+    from fadrm.errors import ConfigError
+    from flows.sharding import parse_address
+
+    assert parse_address("local:3") == (None, 3) and parse_address("tcp://10.0.0.2:8786") == ("tcp://10.0.0.2:8786", None)
+    for bad in ("local:0", "local:two", "somewhere"):
+        with pytest.raises(ConfigError, match="--dask"):
+            parse_address(bad)

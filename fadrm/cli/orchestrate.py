@@ -25,6 +25,14 @@ def check_prefect_api() -> None:
 
 
 LocalOpt = Annotated[bool, typer.Option("--local", help="Run the stages in this process, without Prefect.")]
+DaskOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dask",
+        help="Run select and recover as one shard per Dask worker: a scheduler address (tcp://host:8786) "
+        "or local:N for a local cluster of N worker processes.",
+    ),
+]
 
 
 @app.command("run")
@@ -36,9 +44,12 @@ def run(
     local: LocalOpt = False,
     force: ForceOpt = False,
     no_track: NoTrackOpt = False,
+    dask: DaskOpt = None,
 ) -> None:
     """Run the whole pipeline: prepare -> squeeze -> select -> recover -> relabel -> evaluate."""
     config_from(params, preset, set_)  # config errors surface here, before Prefect starts
+    if dask is not None and local:
+        raise typer.BadParameter("--dask fans shards out as Prefect tasks; drop --local", param_hint="--dask")
     if local:
         from fadrm.jobs import distill
 
@@ -48,7 +59,7 @@ def run(
         check_prefect_api()
         from flows.distill import distill_flow
 
-        summary = distill_flow(str(params), preset, set_ or [], force=force, track=not no_track)
+        summary = distill_flow(str(params), preset, set_ or [], force=force, track=not no_track, dask=dask)
     print_summary(summary)
 
 

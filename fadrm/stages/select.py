@@ -72,7 +72,7 @@ def select(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
     spec = METHODS[cfg.method]
     with stage_run("select", cfg, tracker) as run:
         plan = Selection(cfg, run.layout, run.device)
-        plan.run(Shard.of_process())
+        fresh = plan.run(Shard.of_process())
         distributed.barrier()
         images, entries, extra = plan.assemble()
         data = plan.data
@@ -93,6 +93,7 @@ def select(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
         grid_by_class(run.dir / "grid.png", data.classes, [("init", images, labels)])
         run.artifacts += ["manifest.json", "grid.png"]
         run.metrics.update(images=len(entries), init=spec.init, **{k: v for k, v in extra.items() if k == "factor"})
+        run.metrics["selected_classes"] = fresh  # by this process; the others by shards or an interrupted run
         if plan.flops:
             run.metrics["flops"] = plan.flops
     distributed.barrier()
