@@ -83,10 +83,12 @@ def recover(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
         if spec.recover:
             plan = Recovery(cfg, run.layout, run.device, data, init, labels)
             stats = plan.run(Shard.of_process())
-            run.resumed_seconds += stats.pop("resumed_seconds")
             distributed.barrier()  # under torchrun: every rank's batches are on disk from here on
             images, loss_rows = plan.assemble(run.tracker)
-            stats = {**plan.stats(), **stats}
+            resumed = plan.resumed_seconds()
+            run.resumed_seconds += resumed  # batches finished before an interruption still count
+            owned = sum(len(plan.batches[b]) for b in plan.owned)
+            stats = {**plan.stats(), **stats, "s_per_image": round((plan.busy + resumed) / owned, 4) if owned else None}
         else:
             images, loss_rows, stats = init, [], {"iterations": 0, "s_per_image": 0.0}
         entries = [
@@ -331,23 +333,23 @@ class Recovery:
             f"recover ({self.cfg.method}) shard {shard}" if shard.count > 1 else f"recover ({self.cfg.method})",
             unit="step",
         )
-        busy, resumed, fresh = 0.0, 0.0, 0
+        self.owned, self.found, self.busy = owned, [], 0.0
+        fresh = 0
         for b in owned:
             if self.batch_file(b).is_file():  # finished before an interruption, or by another shard
-                resumed += float(torch.load(self.batch_file(b), weights_only=True).get("seconds", 0.0))
+                self.found.append(b)
                 progress.update(self.total_steps)
                 continue
             start = time.perf_counter()
             self._recover_one(b, progress)
-            busy += time.perf_counter() - start
+            self.busy += time.perf_counter() - start
             fresh += len(self.batches[b])
         progress.close()
-        images = sum(len(self.batches[b]) for b in owned)
-        return {
-            "s_per_image": round((busy + resumed) / images, 4) if images else None,  # resumed batches count
-            "recovered_images": fresh,
-            "resumed_seconds": resumed,
-        }
+        return {"s_per_image": round(self.busy / fresh, 4) if fresh else None, "recovered_images": fresh}
+
+    def resumed_seconds(self) -> float:
+        """The recorded time of the batches ``run`` found finished (read by ``assemble``)."""
+        return sum(self.batch_seconds[b] for b in self.found)
 
     def _recover_one(self, b: int, progress) -> None:
         start = time.perf_counter()
@@ -385,10 +387,12 @@ class Recovery:
             raise MissingInputError(f"recover: batches {missing[:10]} are not recovered yet (run the missing shards)")
         out = torch.empty_like(self.init)
         logs = []
+        self.batch_seconds = {}
         for b, idx in enumerate(self.batches):
             saved = torch.load(self.batch_file(b), weights_only=True)
             out[idx] = saved["images"]
             logs.append(saved["log"])
+            self.batch_seconds[b] = float(saved.get("seconds", 0.0))
         self.close()
         mean_log = torch.stack(logs).mean(0).tolist()  # the loss curve: mean over batches at every logged step
         rows = [{"step": int(step), "loss": loss, "ce": ce, "bn": bn} for step, loss, ce, bn in mean_log]
