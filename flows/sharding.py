@@ -6,7 +6,8 @@ independent per unit — selection per class, recovery per batch — into one sh
 Each shard is a Prefect task run ("recover shard 1/2") on a Dask worker; it writes its finished
 units into the output folder's partial area (``fadrm.shards``), which every worker must see (a
 shared file system). The stage itself then runs as usual in the flow's process: it finds every
-unit done, assembles and publishes, so the output is the same bytes for any number of workers.
+unit done, assembles and publishes, so the output is the same bytes for any number of workers
+(given the same hardware and CPU thread count per worker: on CPUs the thread count changes rounding).
 
 A worker on a machine with several GPUs takes GPU ``worker index % GPU count`` (a cluster whose
 workers each see one GPU, e.g. through ``CUDA_VISIBLE_DEVICES`` or dask-cuda, needs nothing).
