@@ -2,6 +2,10 @@
 
     python benchmarks/default_vs_random.py              # seeds 0 1 2
     python benchmarks/default_vs_random.py --seeds 0 1 2 3
+    python benchmarks/default_vs_random.py --variant rded=rded --variant lr01=fadrm,recover.lr=0.01,select.crop_scale=[0.5,1]
+
+A variant is NAME=METHOD[,KEY=VALUE...]: one more column, run on the same prepared data and
+teacher as the seed's params.yaml run; `fadrm` and `random` (params.yaml as it is) always run.
 
 Per seed, the whole pipeline of params.yaml runs once with FADRM; the random-real-images run of
 the same seed then reuses its prepared data and teacher (the same files, so the comparison holds
@@ -16,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import time
@@ -28,22 +33,51 @@ DOC = ROOT / "docs" / "default-vs-random.md"
 METHODS = ("fadrm", "random")
 
 
-def run_cell(method: str, seed: int) -> dict:
+def parse_variant(text: str) -> tuple[str, str, list[str]]:
+    name, _, spec = text.partition("=")
+    method, *overrides = re.split(r",(?![^\[]*\])", spec)  # commas inside [..] belong to a value
+    if not name or not method:
+        raise SystemExit(f"--variant {text!r}: expected NAME=METHOD[,KEY=VALUE...]")
+    return name, method, overrides
+
+
+def cell_config(method: str, seed: int, out: Path, overrides: list[str]):
     from fadrm.config import load_config
+
+    base = [f"method={method}", f"seed={seed}", f"out_dir={out}", "tracking.enabled=false"]
+    return load_config(ROOT / "params.yaml", None, base + overrides)
+
+
+def fingerprint(cfg) -> str:
+    """What a cell's figure depends on (a params.yaml edit reruns the cells it touches)."""
+    import hashlib
+
+    dump = cfg.model_dump(mode="json")
+    dump.pop("out_dir")
+    dump.pop("tracking")
+    if cfg.method in ("random", "rded"):  # no recovery: its settings do not touch the figure
+        dump.pop("recover")
+    return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_cell(name: str, method: str, seed: int, overrides: list[str]) -> dict:
     from fadrm.pipeline import run_pipeline
 
-    out = OUT / f"{method}-s{seed}"
-    if method != "fadrm":  # the same prepared data and teacher as FADRM's run of this seed
+    out = OUT / f"{name}-s{seed}"
+    if name != "fadrm":  # the same prepared data and teacher as FADRM's run of this seed
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         (out / "metrics").mkdir()
         for stage in ("prepare", "squeeze"):
             shutil.copytree(OUT / f"fadrm-s{seed}" / stage, out / stage, copy_function=os.link)
             shutil.copy(OUT / f"fadrm-s{seed}" / "metrics" / f"{stage}.json", out / "metrics" / f"{stage}.json")
-    cfg = load_config(ROOT / "params.yaml", None, [f"method={method}", f"seed={seed}", f"out_dir={out}", "tracking.enabled=false"])
+    cfg = cell_config(method, seed, out, overrides)
     start = time.perf_counter()
     summary = run_pipeline(cfg)
     return {
+        "variant": name,
+        "overrides": overrides,
+        "config": fingerprint(cfg),
         "method": method,
         "seed": seed,
         "top1": summary["student_top1"],
@@ -55,14 +89,17 @@ def run_cell(method: str, seed: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD[,KEY=VALUE...]")
     args = parser.parse_args()
+    variants = [(m, m, []) for m in METHODS] + [parse_variant(v) for v in args.variant]
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for seed in args.seeds:
-        for method in METHODS:
-            key = f"{method} seed {seed}"
-            if key in results:
+        for name, method, overrides in variants:
+            key = f"{name} seed {seed}"
+            wanted = fingerprint(cell_config(method, seed, OUT / "-", overrides))
+            if results.get(key, {}).get("config") == wanted:
                 continue
-            results[key] = run_cell(method, seed)
+            results[key] = run_cell(name, method, seed, overrides)
             print(json.dumps({key: results[key]}), flush=True)
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
@@ -72,39 +109,47 @@ def main() -> None:
 def render(results: dict) -> None:
     import torch
 
+    names = list(dict.fromkeys(["fadrm", "random"] + [r["variant"] for r in results.values()]))
+    label = {"fadrm": "FADRM (params.yaml)", "random": "random real images"}
     lines = [
         "# The README's main job: FADRM against random real images",
         "",
         "Written by `python benchmarks/default_vs_random.py` (data: `docs/benchmarks/default-vs-random.json`): "
         "`params.yaml` as `fadrm run` uses it (the built-in 6,000-image CIFAR-10 subset, IPC 10), one teacher per "
-        "seed shared by both methods, the same relabel/evaluate protocol. Student top-1 after the last epoch; "
+        "seed shared by every column, the same relabel/evaluate protocol. Student top-1 after the last epoch; "
         f"measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
-        f"torch {torch.__version__}.",
+        f"torch {torch.__version__}. Other columns: `--variant NAME=METHOD[,KEY=VALUE...]` (overrides below).",
         "",
-        "| seed | teacher | FADRM | random real images | FADRM - random |",
-        "|---|---|---|---|---|",
+        "| seed | teacher | " + " | ".join(label.get(n, n) for n in names) + " |",
+        "|---|---|" + "---|" * len(names),
     ]
     seeds = sorted({r["seed"] for r in results.values()})
-    gaps = []
     for seed in seeds:
-        f, r = results.get(f"fadrm seed {seed}"), results.get(f"random seed {seed}")
-        gap = f"{100 * (f['top1'] - r['top1']):+.1f}" if f and r else "-"
-        if f and r:
-            gaps.append(f["top1"] - r["top1"])
-        lines.append(
-            f"| {seed} | {100 * f['teacher_top1']:.1f}% | {100 * f['top1']:.1f}% | "
-            + (f"{100 * r['top1']:.1f}%" if r else "-")
-            + f" | {gap} |"
-            if f
-            else f"| {seed} | - | - | - | - |"
+        cells = [results.get(f"{n} seed {seed}") for n in names]
+        teacher = next((c["teacher_top1"] for c in cells if c), None)
+        row = [f"{100 * c['top1']:.1f}%" if c else "-" for c in cells]
+        lines.append(f"| {seed} | {100 * teacher:.1f}% | " + " | ".join(row) + " |")
+    lines += ["", "| column | method | overrides | mean ± std | n | minus random, per seed: mean ± std |", "|---|---|---|---|---|---|"]
+    for name in names:
+        mine = {r["seed"]: r for r in results.values() if r["variant"] == name}
+        if not mine:
+            continue
+        values = [r["top1"] for r in mine.values()]
+        spread = (
+            f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}%"
+            if len(values) > 1
+            else f"{100 * values[0]:.1f}%"
         )
-    for method in METHODS:
-        values = [r["top1"] for r in results.values() if r["method"] == method]
-        if len(values) > 1:
-            lines.append(f"\n{method}: {100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}% (n={len(values)})")
-    if len(gaps) > 1:
-        mean, std = 100 * statistics.mean(gaps), 100 * statistics.stdev(gaps)
-        lines.append(f"\nFADRM - random: {mean:+.1f} ± {std:.1f} points (n={len(gaps)})")
+        gaps = [100 * (r["top1"] - results[f"random seed {s}"]["top1"]) for s, r in mine.items() if f"random seed {s}" in results]
+        gap = (
+            "-"
+            if name == "random" or not gaps
+            else (f"{statistics.mean(gaps):+.1f} ± {statistics.stdev(gaps):.1f}" if len(gaps) > 1 else f"{gaps[0]:+.1f}")
+        )
+        overrides = ", ".join(f"`{o}`" for o in next(iter(mine.values()))["overrides"]) or "params.yaml"
+        lines.append(
+            f"| {label.get(name, name)} | {next(iter(mine.values()))['method']} | {overrides} | {spread} | {len(values)} | {gap} |"
+        )
     DOC.write_text("\n".join(lines) + "\n")
     print(f"wrote {DOC}")
 

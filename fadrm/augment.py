@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fadrm.device import to_device
+
 FULL_RATIO = (3 / 4, 4 / 3)
 
 
@@ -50,10 +52,10 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, out: int, flips: torch.Te
     One ``grid_sample`` for the whole batch, differentiable with respect to ``x``.
     """
     n, _, height, width = x.shape
-    b = boxes.to(device=x.device, dtype=torch.float32)
+    b = to_device(boxes, x.device).to(torch.float32)
     top, left, h, w = b.unbind(1)
     theta = torch.zeros(n, 2, 3, device=x.device)
-    sign = 1.0 if flips is None else 1.0 - 2.0 * flips.to(x.device, torch.float32)
+    sign = 1.0 if flips is None else 1.0 - 2.0 * to_device(flips, x.device).to(torch.float32)
     theta[:, 0, 0] = sign * w / width
     theta[:, 0, 2] = (2 * left + w) / width - 1
     theta[:, 1, 1] = h / height
@@ -125,7 +127,7 @@ def render_views(images: torch.Tensor, views: Views, positions: np.ndarray, out:
     positions = np.asarray(positions)
 
     def crop(pos: np.ndarray) -> torch.Tensor:
-        src = images[torch.from_numpy(views.index[pos]).to(images.device)]
+        src = images[to_device(views.index[pos], images.device)]
         if not src.is_floating_point():  # the set stays uint8 on the device; only a batch becomes float
             src = src.float().div_(255)
         return resized_crop(src, torch.from_numpy(views.box[pos]), out, torch.from_numpy(views.flip[pos]))
@@ -136,7 +138,7 @@ def render_views(images: torch.Tensor, views: Views, positions: np.ndarray, out:
         return base
     pasted = crop(views.partner[positions])
     rows = torch.arange(out, device=images.device)
-    m = torch.from_numpy(mix).to(images.device)
+    m = to_device(mix, images.device)
     inside_y = (rows[None, :] >= m[:, 0:1]) & (rows[None, :] < m[:, 0:1] + m[:, 2:3])
     inside_x = (rows[None, :] >= m[:, 1:2]) & (rows[None, :] < m[:, 1:2] + m[:, 3:4])
     mask = (inside_y[:, :, None] & inside_x[:, None, :])[:, None]

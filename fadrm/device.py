@@ -32,6 +32,28 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+# Stages that train fixed-shape batches for many steps: cuDNN's autotuner pays for itself there.
+# Select, recover and relabel keep the default heuristics, whose choice does not vary run to run
+# (on CUDA their bytes still can: grid_sample's backward adds atomically, see README "Scaling").
+AUTOTUNED_STAGES = ("squeeze", "evaluate")
+
+
+def configure_backends(device: torch.device, stage: str) -> None:
+    """``torch.backends.cudnn.benchmark`` on for the training stages on CUDA, off otherwise."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = stage in AUTOTUNED_STAGES
+
+
+def to_device(data, device: torch.device | str) -> torch.Tensor:
+    """A host array or tensor on ``device``. On CUDA the copy goes through pinned memory and does not
+    block the host (a pageable copy waits for the stream: one host sync per batch). PyTorch's caching
+    host allocator reuses the pinned block and keeps it alive until the copy has run."""
+    t, device = torch.as_tensor(data), torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto``: bf16 on GPUs that support it, else fp16 on CUDA; fp32 elsewhere (CPU, MPS)."""
     if precision != "auto":

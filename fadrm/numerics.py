@@ -71,6 +71,46 @@ class StepGuard:
         return False
 
 
+class FiniteWatch:
+    """The first step whose loss or gradients were non-finite, remembered on the device.
+
+    ``if not torch.isfinite(loss)`` makes the host wait for the device at every step. A watch
+    records the first bad step with device-side ops only, and :meth:`first` reads it back — one
+    sync, done where the loop syncs anyway (its ``log_every`` rows, the end of a stage). The
+    error still names the exact step; the steps in between ran on NaNs that are thrown away.
+    Under fp16 loss scaling use :class:`StepGuard`: the scaler syncs every step by itself.
+    """
+
+    LOSS, GRADIENTS = 0, 1
+
+    def __init__(self, device: torch.device):
+        self.step = torch.full((), -1, dtype=torch.long, device=device)
+        self.kind = torch.zeros((), dtype=torch.long, device=device)
+        self.value = torch.zeros((), device=device)
+
+    def _mark(self, step: int, bad: torch.Tensor, kind: int, value: torch.Tensor) -> None:
+        first = bad & (self.step < 0)
+        self.value = torch.where(first, value, self.value)
+        self.kind.masked_fill_(first, kind)
+        self.step.masked_fill_(first, step)
+
+    def loss(self, step: int, loss: torch.Tensor) -> None:
+        loss = loss.detach().float()
+        self._mark(step, ~torch.isfinite(loss), self.LOSS, loss)
+
+    def gradients(self, step: int, tensors: Iterable[torch.Tensor]) -> None:
+        flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+        if flags:
+            self._mark(step, ~torch.stack(flags).all(), self.GRADIENTS, self.value)
+
+    def first(self) -> tuple[str, int, float] | None:
+        """``("loss" | "gradients", step, loss value)`` of the first bad step, or None (syncs once)."""
+        step, kind, value = torch.stack([self.step.double(), self.kind.double(), self.value.double()]).tolist()
+        if step < 0:
+            return None
+        return ("loss" if kind == self.LOSS else "gradients"), int(step), value
+
+
 def check_model(model: nn.Module, where: str, at: str, hint: str) -> None:
     """Weights and buffers (BatchNorm statistics) must be finite."""
     if not all_finite([*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]):

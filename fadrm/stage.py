@@ -21,7 +21,7 @@ import torch
 
 from fadrm import __version__, distributed
 from fadrm.config import STAGE_PARAMS, Config, dump_yaml
-from fadrm.device import resolve_device
+from fadrm.device import configure_backends, resolve_device
 from fadrm.efficiency import StageMeter
 from fadrm.errors import storage_errors
 from fadrm.io import STAGE_RECORD, HashCache, atomic_dir, read_json, write_json
@@ -116,6 +116,7 @@ def stage_run(name: str, cfg: Config, tracker: Tracker = NULL_TRACKER) -> Iterat
         planned = lineage.expected(name, inputs, sources) if sources is not None else None
         params = nested(cfg.values(STAGE_PARAMS[name]))
         device = resolve_device(cfg.device)
+        configure_backends(device, name)
         tracker.log_params(flatten(params))
         meter = StageMeter(device)
         distributed.init(device)

@@ -1,10 +1,12 @@
 import csv
 import io
 import pickle
+import shutil
 import tarfile
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fadrm.data.prepared import Prepared
@@ -204,3 +206,56 @@ def test_full_cifar10_archive_is_readable(shared_archive, tmp_path):
         tmp_path, "data.source=tar", f"data.path={shared_archive}", "data.train_per_class=20", "data.test_per_class=10"
     )
     assert metrics["train_images"] == 200 and data.num_classes == 10
+
+
+def test_a_cached_split_is_streamed_to_disk_and_read_as_a_memory_map(tmp_path):
+    data, _ = _prepare(tmp_path)
+    train = data.split("train")
+    assert isinstance(train.images, np.memmap) and train.images.shape == (1000, 32, 32, 3)
+    batch = train.load([3, 1], 32)  # a batch is an ordinary in-memory tensor of its rows
+    assert batch.shape == (2, 3, 32, 32) and np.array_equal(batch[1].permute(1, 2, 0).numpy(), train.images[1])
+
+
+def test_a_file_backed_archive_is_kept_once_outside_the_stage_output_and_comes_back(tiny_tree, tmp_path):
+    """At 224 px the images stay files; the extracted tree lives in <out>/.cache/extracted (one
+    copy per archive, not in the DVC-versioned stage folder) and is re-extracted when missing."""
+    archive = _tar(tmp_path, tiny_tree)
+    overrides = ("data.source=tar", f"data.path={archive}", "data.name=tiny", "data.resolution=96")
+    data, _ = _prepare(tmp_path, *overrides, "data.train_per_class=null", "data.test_per_class=null")
+    assert not data.cached and not (data.dir / "files").exists()
+    assert data.manifest["root"].startswith("../.cache/extracted/")
+    kept = (data.dir / data.manifest["extracted_from"]["into"]).resolve()
+    assert kept.parent == (tmp_path / "out" / ".cache" / "extracted").resolve()
+    first = data.split("train").load([0, 5], 96)
+    shutil.rmtree(kept)  # e.g. a `dvc pull` of the stage outputs on another machine
+    again = Prepared(data.dir).split("train").load([0, 5], 96)
+    assert torch.equal(first, again) and (kept / ".complete").is_file()
+    shutil.rmtree(kept)
+    with tarfile.open(archive, "w:gz") as tf:  # not the archive it was prepared from
+        tf.add(tiny_tree / "train", arcname="mydata/train")
+    with pytest.raises(DataError, match="changed since the dataset was prepared"):
+        Prepared(data.dir).split("train")
+
+
+def test_an_image_folder_inside_the_project_is_stored_relative(builtin_tree, tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    root = make_tree(builtin_tree, project / "images", ["cat", "dog"], 4, 2)
+    monkeypatch.chdir(project)
+    cfg = tiny_config(project / "out", "data.source=imagefolder", f"data.path={root}", "data.name=pets", "data.resolution=96")
+    prepare(cfg)
+    stage = Layout.of(cfg).stage("prepare")
+    assert Prepared(stage).manifest["root"] == "../../images"
+    moved = tmp_path / "elsewhere"
+    project.rename(moved)  # a clone (or `dvc pull`) in another place
+    monkeypatch.chdir(moved)
+    batch = Prepared(moved / stage.relative_to(project)).split("train").load([0], 96)
+    assert batch.shape == (1, 3, 96, 96)
+
+
+def test_a_cache_that_cannot_fit_on_disk_is_refused_with_the_way_out(tiny_tree, tmp_path, monkeypatch):
+    import fadrm.stages.prepare as stage
+
+    monkeypatch.setattr(stage.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+    overrides = ("data.source=imagefolder", f"data.path={tiny_tree}", "data.name=tiny", "data.resolution=224", "data.cache=on")
+    with pytest.raises(DataError, match=r"0\.0 GB free; use data.cache: off"):
+        _prepare(tmp_path, *overrides)

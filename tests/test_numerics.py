@@ -10,11 +10,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from fadrm.device import configure_backends, to_device
 from fadrm.engine import accumulation_weights
 from fadrm.errors import DamagedInputError, DivergenceError
 from fadrm.io import read_json, write_json
 from fadrm.models import create_model
-from fadrm.numerics import StepGuard
+from fadrm.numerics import FiniteWatch, StepGuard
 from fadrm.stage import Layout
 from fadrm.stages.relabel import LABELS, RECIPE, SoftLabels
 
@@ -149,3 +150,79 @@ def test_epoch_losses_are_judged_against_a_uniform_guess():
         check_epoch_loss(5.0, 10, "w", "epoch 9", "hint", final=True)
     with pytest.raises(DivergenceError, match="training loss became nan"):
         check_epoch_loss(float("nan"), 10, "w", "epoch 1", "hint")
+
+
+def test_a_finite_watch_keeps_the_first_bad_step_on_the_device():
+    watch = FiniteWatch(torch.device("cpu"))
+    watch.loss(0, torch.tensor(1.5))
+    watch.gradients(0, [torch.ones(3), None])
+    assert watch.first() is None
+    watch.loss(3, torch.tensor(2.0))
+    watch.gradients(3, [torch.tensor([1.0, float("inf")])])  # finite loss, bad gradients: step 3
+    watch.loss(4, torch.tensor(float("nan")))  # later trouble does not overwrite the first
+    assert watch.first()[:2] == ("gradients", 3)
+    other = FiniteWatch(torch.device("cpu"))
+    other.loss(7, torch.tensor(float("inf")))
+    other.loss(8, torch.tensor(float("nan")))
+    assert other.first() == ("loss", 7, float("inf"))
+
+
+class NanAfter(nn.Module):
+    """A teacher whose logits turn NaN from its ``calls``-th forward on."""
+
+    def __init__(self, calls: int):
+        super().__init__()
+        self.head, self.calls, self.seen = nn.Linear(3, 3), calls, 0
+
+    def forward(self, x):
+        self.seen += 1
+        out = self.head(x.mean((2, 3)))
+        return out * float("nan") if self.seen >= self.calls else out
+
+
+def test_recovery_names_the_exact_bad_iteration_between_log_rows():
+    """Without fp16 loss scaling the check is read only at log rows (every 10 steps here), and
+    still names iteration 6, where the loss went NaN."""
+    from fadrm.config import RecoverConfig
+    from fadrm.losses import BNStatsLoss
+    from fadrm.stages.recover import Teacher, recover_batch
+
+    model = NanAfter(6).eval().requires_grad_(False)
+    rc = RecoverConfig(schedule=((16, 8),), lr=0.1, log_every=10)
+    with pytest.raises(DivergenceError, match=r"recover: loss became nan at iteration 6/8 \(stage 1, 16 px, teacher t\)"):
+        recover_batch(
+            torch.zeros(3, 3, 16, 16),
+            torch.tensor([0, 1, 2]),
+            [Teacher("t", model, BNStatsLoss(model))],
+            rc.schedule,
+            rc,
+            merges=True,
+            bounds=(torch.full((1, 3, 1, 1), -2.0), torch.full((1, 3, 1, 1), 2.0)),
+            jitter_limit=0,
+            crop_scale=(1.0, 1.0),
+            precision="fp32",
+            rng=np.random.default_rng(0),
+        )
+    assert model.seen == 8  # the steps after it ran on the device without a host check
+
+
+def test_cudnn_autotunes_the_training_stages_only():
+    before = torch.backends.cudnn.benchmark
+    try:
+        configure_backends(torch.device("cuda"), "squeeze")
+        assert torch.backends.cudnn.benchmark
+        configure_backends(torch.device("cuda"), "recover")
+        assert not torch.backends.cudnn.benchmark
+        configure_backends(torch.device("cuda"), "evaluate")
+        configure_backends(torch.device("cpu"), "recover")  # CPU: cuDNN settings untouched
+        assert torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def test_host_arrays_reach_the_device_unchanged():
+    a = np.arange(12, dtype=np.int64).reshape(3, 4)
+    assert torch.equal(to_device(a, torch.device("cpu")), torch.from_numpy(a))
+    if torch.cuda.is_available():  # pinned, non-blocking: same values once the stream has run
+        out = to_device(a, torch.device("cuda"))
+        assert out.is_cuda and torch.equal(out.cpu(), torch.from_numpy(a))

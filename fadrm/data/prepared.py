@@ -8,7 +8,10 @@ on 2 CPU cores feasible. Large images stay files and go through a DataLoader.
 from __future__ import annotations
 
 import csv
+import functools
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +22,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from fadrm.data.images import to_rgb
+from fadrm.data.sources import builtin_archive, restore_extracted
+from fadrm.device import to_device
 from fadrm.errors import DataError
 from fadrm.io import read_json
 
 MANIFEST = "manifest.json"
 FILES = "files.tsv"
+DECODERS = 8  # threads decoding the files of a batch that is not cached (e.g. select at 224 px)
 
 
 def fit_image(img: Image.Image, resolution: int) -> Image.Image:
@@ -60,13 +66,20 @@ class Split:
         """uint8 NCHW tensor of the given samples at ``resolution``."""
         if self.images is not None:
             batch = torch.from_numpy(np.ascontiguousarray(self.images[np.asarray(indices)]))
-        else:
-            arrays = []
-            for i in indices:
-                with Image.open(self.root / self.sources[i]) as img:
-                    arrays.append(np.asarray(fit_image(img, resolution)))
-            batch = torch.from_numpy(np.stack(arrays))
+        else:  # decoding releases the GIL: a few threads decode a batch in parallel, in order
+            paths = [self.root / self.sources[i] for i in indices]
+            batch = torch.from_numpy(np.stack(list(_decoders().map(functools.partial(_decode, resolution=resolution), paths))))
         return batch.permute(0, 3, 1, 2).contiguous()
+
+
+@functools.cache
+def _decoders() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max(1, min(DECODERS, os.cpu_count() or 1)), thread_name_prefix="fadrm-decode")
+
+
+def _decode(path: Path, resolution: int) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(fit_image(img, resolution))
 
 
 class Prepared:
@@ -93,10 +106,15 @@ class Prepared:
                 for row in csv.DictReader(fh, delimiter="\t"):
                     sources[row["split"]].append(row["path"])
             labels = np.load(self.dir / f"{name}_labels.npy")
-            images = np.load(self.dir / f"{name}_images.npy") if self.cached else None
+            # memory-mapped: a batch reads its own rows, the split never sits in memory whole
+            images = np.load(self.dir / f"{name}_images.npy", mmap_mode="r") if self.cached else None
             root = None if self.cached else Path(self.manifest["root"])
             if root is not None and not root.is_absolute():
                 root = self.dir / root
+            kept = self.manifest.get("extracted_from")
+            if root is not None and kept and not root.is_dir():  # e.g. `dvc pull` on another machine
+                archive = builtin_archive() if kept["archive"] == "builtin" else Path(kept["archive"])
+                restore_extracted(archive, kept["sha256"], self.dir / kept["into"])
             self._splits[name] = Split(name, labels, sources[name], images, root)
         return self._splits[name]
 
@@ -109,7 +127,7 @@ class Prepared:
         return x * self.std.to(x.device) + self.mean.to(x.device)
 
     def to_input(self, uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return self.normalize(uint8.to(device, non_blocking=True).float().div_(255))
+        return self.normalize(to_device(uint8, device).float().div_(255))
 
     # -- iteration
 
@@ -125,7 +143,7 @@ class Prepared:
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         loader = _file_loader(split, self.resolution, transform, batch_size, workers, shuffle_seed=seed)
         for images, labels in loader:
-            yield self.to_input(images, device), labels.to(device)
+            yield self.to_input(images, device), to_device(labels, device)
 
     def test_batches(self, batch_size: int, device: torch.device, workers: int = 0):
         """The test split in order, normalised (32-64 px as is; larger: resize 256/224, centre crop)."""
@@ -133,12 +151,12 @@ class Prepared:
         if self.cached:
             for start in range(0, len(split), batch_size):
                 idx = np.arange(start, min(start + batch_size, len(split)))
-                yield self.to_input(split.load(idx, self.resolution), device), torch.from_numpy(split.labels[idx]).to(device)
+                yield self.to_input(split.load(idx, self.resolution), device), to_device(split.labels[idx], device)
             return
         resize = round(self.resolution * 256 / 224)
         transform = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(self.resolution)])
         for images, labels in _file_loader(split, self.resolution, transform, batch_size, workers, None):
-            yield self.to_input(images, device), labels.to(device)
+            yield self.to_input(images, device), to_device(labels, device)
 
 
 def _tensor_epoch(data: Prepared, split: Split, batch_size: int, generator, device, padding: int):
@@ -149,7 +167,7 @@ def _tensor_epoch(data: Prepared, split: Split, batch_size: int, generator, devi
         idx = np.sort(order[start : start + batch_size])  # sorted: faster gather from the cache
         x = data.to_input(split.load(idx, data.resolution), device)
         x = random_crop_flip(x, padding, generator)
-        yield x, labels_all[idx].to(device)
+        yield x, to_device(labels_all[idx], device)
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:

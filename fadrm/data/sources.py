@@ -14,7 +14,9 @@ from __future__ import annotations
 import gzip
 import lzma
 import os
+import shutil
 import tarfile
+import tempfile
 import zlib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -23,6 +25,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from fadrm.errors import DataError, UnsafeArchiveError
+from fadrm.io import sha256_file
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 BUILTIN_ARCHIVE = "cifar10-mini.tar.gz"
@@ -108,6 +111,45 @@ def safe_extract(archive: Path, dest: Path) -> None:
         if exc.errno is not None:
             raise  # a file-system failure while extracting (full disk, permissions): reported as such
         raise DataError(f"{archive}: the archive is truncated or corrupted ({exc}); download or copy it again") from None
+
+
+EXTRACTED = ".cache/extracted"  # under the output folder, outside every DVC stage output
+COMPLETE = ".complete"
+
+
+def keep_extracted(tree: Path, archive_sha256: str, cache: Path) -> Path:
+    """Move a freshly extracted ``tree`` into ``cache/<sha256[:16]>`` (one copy per archive, kept
+    outside the stage outputs DVC versions) and return that folder; an existing copy is reused."""
+    dest = cache / archive_sha256[:16]
+    if not (dest / COMPLETE).is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        (tree / COMPLETE).write_text(archive_sha256 + "\n")
+        shutil.rmtree(dest, ignore_errors=True)  # an unfinished copy from an interrupted run
+        try:
+            tree.rename(dest)
+        except OSError:  # another process finished the same copy first
+            if not (dest / COMPLETE).is_file():
+                raise
+    return dest
+
+
+def restore_extracted(archive: Path, archive_sha256: str, dest: Path) -> None:
+    """Re-extract ``archive`` into ``dest`` (e.g. after ``dvc pull`` on another machine), refusing
+    an archive that is not the one the dataset was prepared from."""
+    if not Path(archive).is_file():
+        raise DataError(
+            f"the prepared dataset reads its images from {dest}, which is missing, and the archive it was "
+            f"extracted from ({archive}) is not here either; bring the archive back or rerun `fadrm prepare`"
+        )
+    if sha256_file(Path(archive)) != archive_sha256:
+        raise DataError(f"{archive} changed since the dataset was prepared from it; rerun `fadrm prepare`")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest.parent))
+    try:
+        safe_extract(archive, scratch)
+        keep_extracted(scratch, archive_sha256, dest.parent)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def find_root(base: Path) -> Path:

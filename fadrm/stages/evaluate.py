@@ -27,7 +27,7 @@ from torch import nn
 from fadrm import distributed
 from fadrm.config import Config
 from fadrm.data.prepared import Prepared
-from fadrm.device import autocast, grad_scaler, resolve_precision
+from fadrm.device import autocast, grad_scaler, resolve_precision, to_device
 from fadrm.distilled import load_set
 from fadrm.efficiency import flops_per_sample
 from fadrm.engine import accumulation_weights, accuracy, param_groups, seed_everything, warmup_cosine
@@ -195,8 +195,8 @@ def _report(run, cfg: Config, student: nn.Module, data: Prepared, soft: SoftLabe
 
 def _mixed_ce(logits: torch.Tensor, targets: torch.Tensor, views, pos: np.ndarray, size: int) -> torch.Tensor:
     """Hard-label loss for CutMix-ed views: CE to both labels, weighted by pasted area."""
-    own = targets[torch.from_numpy(views.index[pos]).to(targets.device)]
-    other = targets[torch.from_numpy(views.index[views.partner[pos]]).to(targets.device)]
-    frac = torch.from_numpy(views.mix_fraction(pos, size)).to(logits.device, torch.float32)
+    own = targets[to_device(views.index[pos], targets.device)]
+    other = targets[to_device(views.index[views.partner[pos]], targets.device)]
+    frac = to_device(views.mix_fraction(pos, size), logits.device).to(torch.float32)
     per = (1 - frac) * F.cross_entropy(logits, own, reduction="none") + frac * F.cross_entropy(logits, other, reduction="none")
     return per.mean()

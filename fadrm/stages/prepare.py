@@ -15,8 +15,10 @@ Pixel formats are converted by the rules of :mod:`fadrm.data.images` and counted
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
+import os
 import shutil
 import tempfile
 from collections import Counter
@@ -30,14 +32,24 @@ from fadrm.config import Config
 from fadrm.data.facts import FACTS, IMAGENET_MEAN, IMAGENET_STD, resolve_name, use_cache
 from fadrm.data.images import RULES, conversion, to_rgb
 from fadrm.data.prepared import FILES, MANIFEST, fit_image
-from fadrm.data.sources import builtin_archive, find_root, safe_extract, scan, torchvision_arrays, torchvision_files
+from fadrm.data.sources import (
+    EXTRACTED,
+    builtin_archive,
+    find_root,
+    keep_extracted,
+    safe_extract,
+    scan,
+    torchvision_arrays,
+    torchvision_files,
+)
 from fadrm.errors import ConfigError, DataError
-from fadrm.io import sha256_bytes, write_json
+from fadrm.io import sha256_bytes, sha256_file, write_json
 from fadrm.progress import bar
 from fadrm.stage import stage_run
 from fadrm.tracker import NULL_TRACKER, Tracker
 
 THREADS = 4  # decoding releases the GIL; a few threads keep 2+ cores busy
+NORM_CHUNK = 1024  # images per step of the mean/std of an unknown dataset
 
 
 def preflight(cfg: Config, facts) -> None:
@@ -84,7 +96,8 @@ def prepare(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
             origin = {"root": None, "test_folder": "test", "source_path": str(root)}
         else:
             with tempfile.TemporaryDirectory(dir=out.parent, prefix=".prepare-scratch-") as scratch:
-                root = find_root(_raw_root(cfg, Path(scratch)))
+                tree = Path(scratch) / "tree"
+                root = find_root(_raw_root(cfg, tree))
                 classes, files = scan(root, data.test_split)
                 files = {split: listing.subset(_limit(data, split)) for split, listing in files.items()}
                 if data.resolution or data.source == "builtin":
@@ -92,16 +105,29 @@ def prepare(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
                 else:
                     resolution, resolution_from = _measured_resolution(root, files)
                 cached = use_cache(data.cache, resolution)
-                if not cached and root.is_relative_to(Path(scratch)):
-                    root = Path(shutil.move(str(root), str(out / "files")))  # file-backed: keep the extracted tree
-                rows, images, labels, conversions = _from_files(root, files, resolution, cached)
-                stored_root = None if cached else root.relative_to(out).as_posix() if root.is_relative_to(out) else str(root.resolve())
+                extracted = None
+                if not cached and root.is_relative_to(tree):  # file-backed: keep the tree, once, outside the outputs
+                    archive = builtin_archive() if data.source == "builtin" else Path(data.path)
+                    sha = sha256_file(archive)
+                    kept = keep_extracted(tree, sha, out.parent / EXTRACTED)
+                    root = kept / root.relative_to(tree)
+                    where = "builtin" if data.source == "builtin" else _project_path(archive)
+                    extracted = {"archive": where, "sha256": sha, "into": os.path.relpath(kept, out)}
+                if cached:
+                    _check_cache_fits(out, sum(len(listing.paths) for listing in files.values()), resolution)
+                rows, images, labels, conversions = _from_files(root, files, resolution, out if cached else None)
+                stored_root = None if cached else os.path.relpath(root, out) if extracted else _project_path(root, out)
                 test_folder = "val" if (root / "val").is_dir() and data.test_split != "test" else "test"
-            origin = {"root": stored_root, "test_folder": test_folder, "source_path": data.path or "builtin"}
+            origin = {
+                "root": stored_root,
+                "extracted_from": extracted,
+                "test_folder": test_folder,
+                "source_path": data.path or "builtin",
+            }
         mean, std = _normalisation(name, len(classes), images.get("train"))
         for split in ("train", "test"):
             np.save(out / f"{split}_labels.npy", labels[split])
-            if cached:
+            if cached and not (out / f"{split}_images.npy").is_file():  # files: already streamed there
                 np.save(out / f"{split}_images.npy", images[split])
         with open(out / FILES, "w", newline="") as fh:
             writer = csv.writer(fh, delimiter="\t", lineterminator="\n")
@@ -179,6 +205,15 @@ def _measured_resolution(root: Path, files) -> tuple[int, str]:
     return min(width, height), f"image size ({width}x{height})"
 
 
+def _project_path(path: Path, start: Path | None = None) -> str:
+    """``path`` relative to ``start`` (default: the project, i.e. the working directory) when it lies
+    inside the project -- a clone or `dvc pull` elsewhere then finds it -- else absolute."""
+    path = Path(path).resolve()
+    if not path.is_relative_to(Path.cwd().resolve()):
+        return str(path)
+    return Path(os.path.relpath(path, Path(start).resolve() if start else Path.cwd())).as_posix()
+
+
 def _raw_root(cfg: Config, extract_to: Path) -> Path:
     """The folder holding the raw ImageFolder tree (extracting archives first)."""
     data = cfg.data
@@ -210,25 +245,52 @@ def _read_image(path: Path, resolution: int, decode: bool) -> tuple[str, np.ndar
     return sha256_bytes(blob), None, [rule] if rule else []
 
 
-def _from_files(root: Path, files, resolution: int, cached: bool):
+def _check_cache_fits(out: Path, images: int, resolution: int) -> None:
+    """A uint8 cache needs images x res^2 x 3 bytes on disk (ImageNet-1K at 224 px: ~193 GB)."""
+    need, free = images * resolution * resolution * 3, shutil.disk_usage(out).free
+    if need > free:
+        raise DataError(
+            f"data.cache would write {need / 1e9:.1f} GB of decoded {resolution} px images but {out} has "
+            f"{free / 1e9:.1f} GB free; use data.cache: off (images are then read from their files per batch)"
+        )
+
+
+def _read_files_image(root: Path, resolution: int, decode: bool, rel: str):
+    return _read_image(root / rel, resolution, decode)
+
+
+def _from_files(root: Path, files, resolution: int, cache_dir: Path | None):
+    """Hash (and, with a ``cache_dir``, decode) every file. Decoded pixels go straight into
+    ``<cache_dir>/<split>_images.npy`` as they come (a memory-mapped .npy): memory stays at a few
+    images whatever the split's size; the returned arrays are read-only maps of those files."""
     rows: list[list[str]] = []
     images: dict[str, np.ndarray] = {}
     labels: dict[str, np.ndarray] = {}
     conversions: Counter = Counter()
     for split, listing in files.items():
-        progress = bar(len(listing.paths), f"prepare {split}", unit="img")
+        n = len(listing.paths)
+        target = None
+        if cache_dir is not None:
+            target = np.lib.format.open_memmap(
+                cache_dir / f"{split}_images.npy", mode="w+", dtype=np.uint8, shape=(n, resolution, resolution, 3)
+            )
+        progress = bar(n, f"prepare {split}", unit="img")
+        hashes = []
+        read = functools.partial(_read_files_image, root, resolution, target is not None)
         with ThreadPoolExecutor(THREADS) as pool:
-            results = []
-            for result in pool.map(lambda p: _read_image(root / p, resolution, cached), listing.paths):
-                results.append(result)
-                conversions.update(result[2])
+            for i, (sha, pixels, rules) in enumerate(pool.map(read, listing.paths)):
+                hashes.append(sha)
+                if target is not None:
+                    target[i] = pixels
+                conversions.update(rules)
                 progress.update()
         progress.close()
-        classes_of = {rel: rel.split("/")[1] for rel in listing.paths}
-        rows += [[split, classes_of[rel], rel, sha] for rel, (sha, _, _) in zip(listing.paths, results)]
+        rows += [[split, rel.split("/")[1], rel, sha] for rel, sha in zip(listing.paths, hashes)]
         labels[split] = np.asarray(listing.labels, dtype=np.int64)
-        if cached:
-            images[split] = np.stack([arr for _, arr, _ in results])
+        if target is not None:
+            target.flush()
+            del target
+            images[split] = np.load(cache_dir / f"{split}_images.npy", mmap_mode="r")
     return rows, images, labels, conversions
 
 
@@ -253,5 +315,12 @@ def _normalisation(name: str, num_classes: int, train: np.ndarray | None) -> tup
         return list(facts.mean), list(facts.std)
     if train is None:
         return list(IMAGENET_MEAN), list(IMAGENET_STD)
-    pixels = train.reshape(-1, 3).astype(np.float64) / 255
-    return [round(float(v), 4) for v in pixels.mean(0)], [round(float(v), 4) for v in pixels.std(0)]
+    total, squares, count = np.zeros(3), np.zeros(3), 0
+    for start in range(0, len(train), NORM_CHUNK):  # chunks: a float copy of the split would not fit
+        pixels = np.asarray(train[start : start + NORM_CHUNK]).reshape(-1, 3).astype(np.float64) / 255
+        total += pixels.sum(0)
+        squares += (pixels**2).sum(0)
+        count += len(pixels)
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]

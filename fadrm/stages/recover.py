@@ -34,14 +34,14 @@ from fadrm.augment import recovery_view
 from fadrm.config import Config, RecoverConfig
 from fadrm.data.facts import default_jitter, default_recover_crop_scale, default_schedule
 from fadrm.data.prepared import Prepared
-from fadrm.device import autocast, grad_scaler, resolve_device, resolve_precision
+from fadrm.device import autocast, grad_scaler, resolve_device, resolve_precision, to_device
 from fadrm.distilled import ANCHORS, grid_by_class, load_set, save_set, to_uint8
 from fadrm.efficiency import count_flops
 from fadrm.errors import ConfigError, DivergenceError, MissingInputError
 from fadrm.losses import BNStatsLoss
 from fadrm.methods import METHODS, MethodSpec
 from fadrm.models import create_model, has_batchnorm
-from fadrm.numerics import SATURATED, SATURATED_RISE, StepGuard, saturated_share
+from fadrm.numerics import SATURATED, SATURATED_RISE, FiniteWatch, StepGuard, gradients, saturated_share
 from fadrm.progress import bar
 from fadrm.shards import Shard
 from fadrm.stage import Layout, require, stage_fingerprint, stage_run
@@ -226,6 +226,26 @@ def recover_batch(
     pinned_at_start = saturated_share(x_init, low, high)
     who = ", ".join((names or [])[:8])
     hint = f"lower recover.lr (now {rc.lr:g})"
+    starts = np.cumsum([0] + [iters for _, iters in schedule])
+
+    def at(s: int) -> str:
+        k = int(np.searchsorted(starts, s, side="right")) - 1
+        teacher = teachers[teacher_for_step(s, len(teachers))]
+        return f"iteration {s + 1}/{total} (stage {k + 1}, {schedule[k][0]} px, teacher {teacher.name})"
+
+    # Without fp16 loss scaling nothing else syncs per step: the first non-finite step is kept on
+    # the device and read where the loop syncs anyway (log rows, stage ends) -- see FiniteWatch.
+    watch = None if scaler.is_enabled() else FiniteWatch(device)
+
+    def check() -> None:
+        bad = watch.first() if watch is not None else None
+        if bad is None:
+            return
+        what, s, value = bad
+        if what == "loss":
+            raise DivergenceError(f"recover: loss became {value} at {at(s)} for images [{who}]; {hint}")
+        raise DivergenceError(f"recover (images [{who}]): gradients became non-finite at {at(s)}; {hint}")
+
     for k, (res, iters) in enumerate(schedule):
         optimizer = torch.optim.Adam([x], lr=rc.lr, betas=(0.5, 0.9))
         guard = StepGuard(f"recover (images [{who}])", optimizer, scaler, hint)
@@ -239,19 +259,28 @@ def recover_batch(
             ce = F.cross_entropy(logits.float(), targets)
             bn = teacher.bn.pop()
             loss = rc.ce_weight * ce + (rc.bn_weight * bn if bn is not None else 0.0)
-            at = f"iteration {step + 1}/{total} (stage {k + 1}, {res} px, teacher {teacher.name})"
-            if not torch.isfinite(loss):
-                raise DivergenceError(f"recover: loss became {loss.item()} at {at} for images [{who}]; {hint}")
+            if watch is None:
+                if not torch.isfinite(loss):
+                    raise DivergenceError(f"recover: loss became {loss.item()} at {at(step)} for images [{who}]; {hint}")
+            else:
+                watch.loss(step, loss)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            guard.step(at)
+            if watch is None:
+                guard.step(at(step))
+            else:
+                watch.gradients(step, gradients(optimizer))
+                optimizer.step()
             with torch.no_grad():
                 x.copy_(torch.maximum(torch.minimum(x, high), low))
             if step % rc.log_every == 0 or step == total - 1:
-                log.append([step, loss.item(), ce.item(), bn.item() if bn is not None else 0.0])
+                check()
+                terms = [loss, ce, bn if bn is not None else torch.zeros((), device=device)]
+                log.append([step, *torch.stack([t.detach().float() for t in terms]).tolist()])
             step += 1
             if on_step is not None:
                 on_step()
+        check()
         pinned = saturated_share(x.detach(), low, high)  # collapse: the images became flat 0/255 fields
         if iters and pinned > SATURATED and pinned > pinned_at_start + SATURATED_RISE:
             raise DivergenceError(
@@ -357,7 +386,7 @@ class Recovery:
         names = [f"{self.data.classes[self.labels[i]]}#{i}" for i in idx]
         x, log = recover_batch(
             self.data.to_input(self.init[idx], self.device),
-            torch.from_numpy(self.labels[idx]).to(self.device),
+            to_device(self.labels[idx], self.device),
             self.teachers,
             self.schedule,
             self.rc,

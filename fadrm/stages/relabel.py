@@ -28,7 +28,7 @@ from fadrm.augment import Views, render_views, sample_views
 from fadrm.config import Config, RelabelConfig
 from fadrm.data.facts import default_relabel_crop_scale
 from fadrm.data.prepared import Prepared
-from fadrm.device import autocast, resolve_precision
+from fadrm.device import autocast, resolve_precision, to_device
 from fadrm.distilled import load_set
 from fadrm.efficiency import flops_per_sample
 from fadrm.errors import DamagedInputError, DivergenceError, MissingInputError
@@ -224,4 +224,4 @@ class SoftLabels:
                 f"the soft labels in {self._path} hold non-finite values (epoch {e + 1}, views {lo}-{hi - 1}; made "
                 "by broken teachers); rerun `fadrm squeeze` and `fadrm relabel`, or `fadrm run`"
             )
-        return out.to(self.device, non_blocking=True)
+        return to_device(out, self.device)

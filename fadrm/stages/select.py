@@ -26,7 +26,7 @@ from fadrm.augment import crop_boxes, resized_crop
 from fadrm.config import Config
 from fadrm.data.facts import default_factor
 from fadrm.data.prepared import Prepared, Split
-from fadrm.device import autocast, resolve_device, resolve_precision
+from fadrm.device import autocast, resolve_device, resolve_precision, to_device
 from fadrm.distilled import ANCHORS, grid_by_class, save_set, to_uint8
 from fadrm.efficiency import flops_per_sample
 from fadrm.errors import ConfigError, DataError, MissingInputError
@@ -252,7 +252,7 @@ def _best_crop_per_image(teacher, data, train, chosen, label, patch, sel, rng, d
     pad = (res - patch) // 2
     for start in range(0, len(chosen), images_per_chunk):
         idx = chosen[start : start + images_per_chunk]
-        src = train.load(idx, res).to(device).float().div_(255).repeat_interleave(per, dim=0)
+        src = to_device(train.load(idx, res), device).float().div_(255).repeat_interleave(per, dim=0)
         span = slice(start * per, (start + len(idx)) * per)
         crops = resized_crop(src, torch.from_numpy(boxes[span]), patch)
         x = F.pad(data.normalize(crops), (pad, res - patch - pad, pad, res - patch - pad))  # 0 = the mean colour
