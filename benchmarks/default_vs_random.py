@@ -65,6 +65,8 @@ def run_cell(name: str, method: str, seed: int, overrides: list[str]) -> dict:
 
     out = OUT / f"{name}-s{seed}"
     if name != "fadrm":  # the same prepared data and teacher as FADRM's run of this seed
+        base = OUT / f"fadrm-s{seed}"
+        run_pipeline(cell_config("fadrm", seed, base, []), until="squeeze")  # current (after a code change: redone once)
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         (out / "metrics").mkdir()
@@ -82,6 +84,7 @@ def run_cell(name: str, method: str, seed: int, overrides: list[str]) -> dict:
         "seed": seed,
         "top1": summary["student_top1"],
         "teacher_top1": summary["teacher_top1"],
+        "teacher_sha256": json.loads((out / "metrics" / "squeeze.json").read_text())["teacher_sha256"],
         "wall_seconds": round(time.perf_counter() - start, 1),
     }
 

@@ -11,7 +11,7 @@ C classes, N train and 1 val JPEG per class, 256 px files read at 224 px) run th
 recovery 200 px -> 224 px with one iteration per resolution (and the residual merge between),
 one stored relabel epoch and one student epoch. Each stage runs as its own ``fadrm <stage>``
 process, so its peak RSS (``wait4``'s ``ru_maxrss``) is its own; disk is the stage's output
-folder (``du``) plus, for recover and relabel, the partial work they leave while running.
+folder (``du``), and the most the outputs grew while it ran (partial work and temporary folders).
 Results: ``docs/benchmarks/scale-memory.json`` (one record per cell and stage) and
 ``docs/scale-memory.md``. Memory and bytes, not timings: the seconds are recorded, not judged.
 """
@@ -24,6 +24,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +33,9 @@ WORK = ROOT / "outputs" / "bench" / "scale-memory"
 RESULTS = ROOT / "docs" / "benchmarks" / "scale-memory.json"
 DOC = ROOT / "docs" / "scale-memory.md"
 STAGES = ("prepare", "squeeze", "select", "recover", "relabel", "evaluate")
+KEPT = ("images", "views", "bytes_total", "bytes_per_image_epoch", "train_images")
+# after the pipeline: the soft labels again, compact (top-10 logits in fp16 plus one fill value per view)
+EXTRA = (("relabel top-10", "relabel", ("relabel.top_k=10",)),)
 # cheapest first: the same distilled set over a 10x larger dataset, then 10x the classes, then IPC
 CELLS = ("100x4@1", "100x40@1", "1000x4@1", "100x12@10", "100x50@50", "1000x12@10", "1000x50@50")
 
@@ -77,26 +81,37 @@ def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def run_stage(cell_dir: Path, stage: str, cell: str) -> dict:
+def run_stage(cell_dir: Path, stage: str, cell: str, extra: tuple[str, ...] = ()) -> dict:
     command = [sys.executable, "-m", "fadrm", stage, "--preset", "imagenet-1k", "--no-track"]
-    for item in overrides(cell):
+    for item in overrides(cell) + list(extra):
         command += ["-S", item]
+    outputs = cell_dir / "outputs"
+    before = du(outputs)
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:  # the outputs folder's size while the stage runs (partial work included)
+        while not done.wait(1.0):
+            peak[0] = max(peak[0], du(outputs))
+
+    sampler = threading.Thread(target=sample, daemon=True)
     start = time.perf_counter()
     proc = subprocess.Popen(command, cwd=cell_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    sampler.start()
     stderr = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
+    done.set()
+    sampler.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"{cell} {stage} failed ({proc.returncode}):\n{stderr[-3000:]}")
-    outputs = cell_dir / "outputs"
-    partial = sum(du(p) for p in outputs.glob(f".{stage}.partial"))
     metrics = json.loads((outputs / "metrics" / f"{stage}.json").read_text())
     return {
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux: kilobytes
         "disk_mb": round(du(outputs / stage) / 2**20, 2),
-        "partial_mb": round(partial / 2**20, 2),
+        "peak_extra_disk_mb": round((max(peak[0], du(outputs)) - before) / 2**20, 2),
         "seconds": round(time.perf_counter() - start, 1),
-        "metrics": {k: metrics[k] for k in ("images", "views", "bytes_total", "bytes_per_image_epoch", "train_images") if k in metrics},
+        "metrics": {k: metrics[k] for k in KEPT if k in metrics},
     }
 
 
@@ -105,13 +120,13 @@ def run_cell(cell: str, results: dict) -> None:
     cell_dir = WORK / cell
     cell_dir.mkdir(parents=True, exist_ok=True)
     data = dataset(classes, train)
-    for stage in STAGES:
-        key = f"{cell} {stage}"
+    for name, stage, extra in [(s, s, ()) for s in STAGES] + list(EXTRA):
+        key = f"{cell} {name}"
         if key in results:
             continue
-        record = {"cell": cell, "classes": classes, "train_per_class": train, "ipc": ipc, "stage": stage}
+        record = {"cell": cell, "classes": classes, "train_per_class": train, "ipc": ipc, "stage": name}
         record["dataset_mb"] = round(du(data) / 2**20, 1)
-        record.update(run_stage(cell_dir, stage, cell))
+        record.update(run_stage(cell_dir, stage, cell, extra))
         results[key] = record
         print(json.dumps(record), flush=True)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -143,14 +158,31 @@ def render(results: dict) -> None:
         classes, _, ipc = parse(cell)
         cols = [f"{rows[s]['peak_rss_mb']:.0f}" if rows[s] else "-" for s in STAGES]
         lines.append(f"| {cell} | {first['dataset_mb']:.0f} | {classes * ipc} | " + " | ".join(cols) + " |")
-    lines += ["", "Disk (MB) of each stage's output (+ partial work left while it ran, if any):", ""]
+    lines += [
+        "",
+        "Disk (MB): each stage's output folder / the most the outputs grew while the stage ran (partial work, "
+        "temporary folders and the published output; sampled every second):",
+        "",
+    ]
     lines += ["| cell | " + " | ".join(STAGES) + " |", "|---|" + "---|" * len(STAGES)]
     for cell in cells:
         cols = []
         for s in STAGES:
             r = results.get(f"{cell} {s}")
-            cols.append("-" if not r else f"{r['disk_mb']:.2f}" + (f" (+{r['partial_mb']:.2f})" if r["partial_mb"] else ""))
+            cols.append("-" if not r else f"{r['disk_mb']:.2f} / {r['peak_extra_disk_mb']:.2f}")
         lines.append(f"| {cell} | " + " | ".join(cols) + " |")
+    lines += [
+        "",
+        "Stored soft labels per view (one image, one epoch): full fp16 logits vs `relabel.top_k: 10`:",
+        "",
+        "| cell | classes | fp16 bytes/view | top-10 bytes/view |",
+        "|---|---|---|---|",
+    ]
+    for cell in cells:
+        full, top = results.get(f"{cell} relabel"), results.get(f"{cell} relabel top-10")
+        if full:
+            per = lambda r: f"{r['metrics']['bytes_per_image_epoch']:.1f}" if r else "-"  # noqa: E731
+            lines.append(f"| {cell} | {full['classes']} | {per(full)} | {per(top)} |")
     DOC.write_text("\n".join(lines) + "\n")
     print(f"wrote {DOC}")
 

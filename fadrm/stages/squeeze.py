@@ -25,16 +25,18 @@ from fadrm.data.prepared import Prepared
 from fadrm.device import autocast, grad_scaler, resolve_precision
 from fadrm.efficiency import flops_per_sample
 from fadrm.engine import accuracy, param_groups, seed_everything, to_channels_last, warmup_cosine
-from fadrm.errors import WeightsError
+from fadrm.errors import DivergenceError, WeightsError
 from fadrm.io import read_json, write_json
 from fadrm.models import create_model
-from fadrm.numerics import StepGuard, check_epoch_loss, check_model
+from fadrm.numerics import FiniteWatch, StepGuard, check_epoch_loss, check_model, gradients
 from fadrm.progress import bar
 from fadrm.stage import StageRun, stage_run
 from fadrm.teachers import TEACHERS
 from fadrm.tracker import NULL_TRACKER, Tracker
 from fadrm.visualize import Axis, line_plot
 from fadrm.weights import load_weights, save_weights
+
+LOSS_EVERY = 20  # steps between reads of the running loss (a host sync on GPUs)
 
 
 def _weight_files(cfg: Config) -> dict[str, Path]:
@@ -157,22 +159,35 @@ def train_teacher(model: nn.Module, name: str, data: Prepared, run: StageRun) ->
     for epoch in range(start, sq.epochs):
         began = time.perf_counter()
         model.train()
-        running, seen = 0.0, 0
+        # the loss is summed on the device and read every LOSS_EVERY steps; without fp16 loss
+        # scaling, a non-finite step is kept on the device too (FiniteWatch) -- no per-step sync
+        running, seen = torch.zeros((), device=run.device), 0
+        watch = None if scaler.is_enabled() else FiniteWatch(run.device)
         for step, (x, y) in enumerate(data.train_batches(sq.batch_size, generator, run.device, sq.crop_padding, cfg.data.workers)):
             if sq.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(run.device, precision):
                 loss = criterion(model(x), y)
             at = f"epoch {epoch + 1}, step {step + 1}/{steps_per_epoch}"
-            guard.check_loss(loss, at)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            guard.step(at)
+            if watch is None:
+                guard.check_loss(loss, at)
+                scaler.scale(loss).backward()
+                guard.step(at)
+            else:
+                watch.loss(step, loss)
+                loss.backward()
+                watch.gradients(step, gradients(optimizer))
+                optimizer.step()
             scheduler.step()
-            running += loss.item() * len(y)
+            running += loss.detach().float() * len(y)
             seen += len(y)
             progress.update()
-            progress.set_postfix(epoch=epoch + 1, loss=f"{running / seen:.3f}", refresh=False)
+            if (step + 1) % LOSS_EVERY == 0:
+                _check_watch(watch, where, hint, epoch, steps_per_epoch)
+                progress.set_postfix(epoch=epoch + 1, loss=f"{float(running) / seen:.3f}", refresh=False)
+        _check_watch(watch, where, hint, epoch, steps_per_epoch)
+        running = float(running)
         check_model(model, where, f"the end of epoch {epoch + 1}", hint)
         check_epoch_loss(running / seen, data.num_classes, where, f"epoch {epoch + 1}", hint, final=epoch + 1 == sq.epochs)
         row = {"train_loss": running / seen, "lr": scheduler.get_last_lr()[0]}
@@ -187,6 +202,15 @@ def train_teacher(model: nn.Module, name: str, data: Prepared, run: StageRun) ->
         )
     progress.close()
     return sq.epochs  # the checkpoint stays until the stage is published: a later teacher may still fail
+
+
+def _check_watch(watch: FiniteWatch | None, where: str, hint: str, epoch: int, steps_per_epoch: int) -> None:
+    bad = watch.first() if watch is not None else None
+    if bad is not None:
+        what, step, value = bad
+        at = f"epoch {epoch + 1}, step {step + 1}/{steps_per_epoch}"
+        problem = f"loss became {value}" if what == "loss" else "gradients became non-finite"
+        raise DivergenceError(f"{where}: {problem} at {at}; {hint}")
 
 
 def _ckpt_key(data_fingerprint: str, cfg: Config) -> str:
