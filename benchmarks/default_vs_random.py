@@ -31,6 +31,7 @@ OUT = ROOT / "outputs" / "bench" / "default-vs-random"
 RESULTS = ROOT / "docs" / "benchmarks" / "default-vs-random.json"
 DOC = ROOT / "docs" / "default-vs-random.md"
 METHODS = ("fadrm", "random")
+STAGES = ("prepare", "squeeze", "select", "recover", "relabel", "evaluate")
 
 
 def parse_variant(text: str) -> tuple[str, str, list[str]]:
@@ -64,15 +65,19 @@ def run_cell(name: str, method: str, seed: int, overrides: list[str]) -> dict:
     from fadrm.pipeline import run_pipeline
 
     out = OUT / f"{name}-s{seed}"
-    if name != "fadrm":  # the same prepared data and teacher as FADRM's run of this seed
+    if name != "fadrm":
+        # Start from FADRM's run of this seed (hard links): the pipeline's lineage then redoes exactly
+        # the stages this variant changes -- the same prepared data and teacher for every column, and
+        # e.g. a hard-label variant re-evaluates FADRM's own images.
         base = OUT / f"fadrm-s{seed}"
         run_pipeline(cell_config("fadrm", seed, base, []), until="squeeze")  # current (after a code change: redone once)
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         (out / "metrics").mkdir()
-        for stage in ("prepare", "squeeze"):
-            shutil.copytree(OUT / f"fadrm-s{seed}" / stage, out / stage, copy_function=os.link)
-            shutil.copy(OUT / f"fadrm-s{seed}" / "metrics" / f"{stage}.json", out / "metrics" / f"{stage}.json")
+        for stage in STAGES:
+            if (base / stage).is_dir() and (base / "metrics" / f"{stage}.json").is_file():
+                shutil.copytree(base / stage, out / stage, copy_function=os.link)
+                shutil.copy(base / "metrics" / f"{stage}.json", out / "metrics" / f"{stage}.json")
     cfg = cell_config(method, seed, out, overrides)
     start = time.perf_counter()
     summary = run_pipeline(cfg)
@@ -107,6 +112,39 @@ def main() -> None:
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     render(results)
+
+
+def dd_ranking(results: dict) -> list[str]:
+    """DD-Ranking's scores for each method with a `<method>-hard` column (the same set, hard labels)."""
+    from grid_report import lrs
+
+    out = []
+    for name in ("fadrm", "random", "rded"):
+        rows = []
+        for seed in sorted({r["seed"] for r in results.values()}):
+            soft, hard = results.get(f"{name} seed {seed}"), results.get(f"{name}-hard seed {seed}")
+            rand = results.get(f"random seed {seed}")
+            if soft and hard and rand:
+                # full real data with hard labels: the teacher is that (same ConvNet, the whole subset)
+                hlr, ior = soft["teacher_top1"] - hard["top1"], soft["top1"] - rand["top1"]
+                rows.append((seed, hard["top1"], hlr, ior, lrs(ior, hlr)))
+        if not rows:
+            continue
+        out += [
+            "",
+            f"DD-Ranking scores, {name} (hard-label recovery HLR = full data, hard labels - this set, hard labels; "
+            "improvement over random IOR = this set - random real images, soft labels; label-robust score LRS; "
+            "full-data accuracy = the teacher's: the same ConvNet trained on the whole subset with hard labels):",
+            "",
+            "| seed | hard-label top-1 | HLR | IOR | LRS |",
+            "|---|---|---|---|---|",
+        ]
+        out += [f"| {s} | {100 * h:.1f}% | {100 * hl:+.1f} | {100 * io:+.1f} | {100 * sc:.2f} |" for s, h, hl, io, sc in rows]
+        if len(rows) > 1:
+            cols = list(zip(*rows))
+            fmt = [f"{100 * statistics.mean(c):.2f} ± {100 * statistics.stdev(c):.2f}" for c in cols[1:]]
+            out.append(f"| mean ± std (n={len(rows)}) | " + " | ".join(fmt) + " |")
+    return out
 
 
 def render(results: dict) -> None:
@@ -153,6 +191,7 @@ def render(results: dict) -> None:
         lines.append(
             f"| {label.get(name, name)} | {next(iter(mine.values()))['method']} | {overrides} | {spread} | {len(values)} | {gap} |"
         )
+    lines += dd_ranking(results)
     DOC.write_text("\n".join(lines) + "\n")
     print(f"wrote {DOC}")
 

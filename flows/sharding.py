@@ -9,12 +9,16 @@ shared file system). The stage itself then runs as usual in the flow's process: 
 unit done, assembles and publishes, so the output is the same bytes for any number of workers
 (given the same hardware and CPU thread count per worker: on CPUs the thread count changes rounding).
 
+Workers of an existing cluster must reach the flow's Prefect API: start them with the same
+``PREFECT_API_URL`` as the flow (a local cluster gets it passed on).
+
 A worker on a machine with several GPUs takes GPU ``worker index % GPU count`` (a cluster whose
 workers each see one GPU, e.g. through ``CUDA_VISIBLE_DEVICES`` or dask-cuda, needs nothing).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from prefect import flow, task
@@ -39,11 +43,31 @@ def parse_address(address: str) -> tuple[str | None, int | None]:
     return address, None
 
 
-def task_runner(address: str) -> DaskTaskRunner:
+def task_runner(address: str, api_url: str | None = None) -> DaskTaskRunner:
+    """The runner for ``address``. A local cluster's workers get ``api_url`` (the flow's Prefect API)
+    so that their task runs land on the flow's server -- without it each worker process would start a
+    temporary server of its own -- and log only errors (not the nanny's shutdown chatter)."""
     scheduler, workers = parse_address(address)
     if scheduler is not None:
         return DaskTaskRunner(address=scheduler)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
+    kwargs: dict[str, Any] = {
+        "n_workers": workers,
+        "threads_per_worker": 1,
+        "processes": True,
+        "dashboard_address": None,
+        "silence_logs": logging.ERROR,
+    }
+    if api_url:
+        kwargs["env"] = {"PREFECT_API_URL": api_url}
+    return DaskTaskRunner(cluster_kwargs=kwargs)
+
+
+def flow_api_url() -> str | None:
+    """The API the running flow talks to (its temporary server in Prefect's ephemeral mode)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.api_url).rstrip("/") or None
 
 
 def worker_count(address: str) -> int:
@@ -86,4 +110,8 @@ def shards_flow(name: str, config: dict[str, Any], count: int) -> list[dict[str,
 def run_shards(name: str, cfg: Config, address: str) -> list[dict[str, Any]]:
     """Fan ``name``'s shards out over the cluster at ``address`` and wait for all of them."""
     count = worker_count(address)
-    return shards_flow.with_options(task_runner=task_runner(address))(name, cfg.to_dict(), count)
+    # the scheduler and the nannies of a local cluster log here, through Prefect's console handler:
+    # their start/stop chatter (and "worker still alive after 4 s, killing" at every shutdown) is
+    # not something a user acts on; errors still show
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    return shards_flow.with_options(task_runner=task_runner(address, flow_api_url()))(name, cfg.to_dict(), count)

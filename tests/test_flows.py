@@ -346,18 +346,19 @@ def _stop_worker(worker) -> None:
 
 
 @pytest.mark.slow
-def test_a_prefect_run_prints_no_traceback_and_no_warning(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--dask", "local:2"]], ids=["one-process", "dask"])
+def test_a_prefect_run_prints_no_traceback_and_no_warning(tmp_path, extra):
     """`fadrm run` as a new user runs it (a temporary Prefect server, Prefect's default log level, no
-    analytics setting of ours): the output has no traceback, no ERROR or WARNING line."""
+    analytics or timeout setting of ours): the output has no traceback, no ERROR or WARNING line; with
+    --dask, the workers use the flow's temporary server instead of starting one each."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FADRM_"))}
     env.update(
         PREFECT_HOME=str(tmp_path / "prefect"),
         MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90",  # a busy test machine, not a user setting
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     )
     result = subprocess.run(
-        ["fadrm", "run", "--preset", "tiny", "-S", f"out_dir={tmp_path / 'out'}"],
+        ["fadrm", "run", "--preset", "tiny", "-S", f"out_dir={tmp_path / 'out'}", *extra],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -370,6 +371,7 @@ def test_a_prefect_run_prints_no_traceback_and_no_warning(tmp_path):
     noisy = [line for line in output.splitlines() if re.search(r"\b(ERROR|WARNING|CRITICAL)\b|Warning:", line)]
     assert noisy == [], output[-4000:]
     assert "student top-1" in output
+    assert output.count("Starting temporary server") == 1, output[-4000:]
 
 
 @pytest.mark.slow
