@@ -61,7 +61,23 @@ def fingerprint(cfg) -> str:
     return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_cell(name: str, method: str, seed: int, overrides: list[str]) -> dict:
+def teacher_key(overrides: list[str]) -> tuple[str, ...]:
+    """The overrides that decide the prepared data and the teacher."""
+    return tuple(sorted(o for o in overrides if o.startswith(("data.", "squeeze."))))
+
+
+def base_for(name: str, seed: int, overrides: list[str], results: dict) -> Path:
+    """A finished run of this seed with the same data and teacher settings to start from (the
+    first such variant trains the teacher; the others reuse it), else FADRM's run of the seed."""
+    key = teacher_key(overrides)
+    for record in results.values():
+        same = record["seed"] == seed and teacher_key(record["overrides"]) == key
+        if key and same and record["variant"] not in ("fadrm", name) and (OUT / f"{record['variant']}-s{seed}").is_dir():
+            return OUT / f"{record['variant']}-s{seed}"
+    return OUT / f"fadrm-s{seed}"
+
+
+def run_cell(name: str, method: str, seed: int, overrides: list[str], base: Path | None = None) -> dict:
     from fadrm.pipeline import run_pipeline
 
     out = OUT / f"{name}-s{seed}"
@@ -69,8 +85,9 @@ def run_cell(name: str, method: str, seed: int, overrides: list[str]) -> dict:
         # Start from FADRM's run of this seed (hard links): the pipeline's lineage then redoes exactly
         # the stages this variant changes -- the same prepared data and teacher for every column, and
         # e.g. a hard-label variant re-evaluates FADRM's own images.
-        base = OUT / f"fadrm-s{seed}"
-        run_pipeline(cell_config("fadrm", seed, base, []), until="squeeze")  # current (after a code change: redone once)
+        base = base or OUT / f"fadrm-s{seed}"
+        if base.name == f"fadrm-s{seed}":
+            run_pipeline(cell_config("fadrm", seed, base, []), until="squeeze")  # current (after a code change: redone once)
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         (out / "metrics").mkdir()
@@ -107,7 +124,7 @@ def main() -> None:
             wanted = fingerprint(cell_config(method, seed, OUT / "-", overrides))
             if results.get(key, {}).get("config") == wanted:
                 continue
-            results[key] = run_cell(name, method, seed, overrides)
+            results[key] = run_cell(name, method, seed, overrides, base_for(name, seed, overrides, results))
             print(json.dumps({key: results[key]}), flush=True)
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")

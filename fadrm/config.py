@@ -124,6 +124,11 @@ class SelectConfig(Section):
     factor: int | None = Field(None, ge=1, description="patches per side; None: 2 at >=128 px, else 1")
     crop_scale: CropScale = (0.08, 1.0)
     batch_size: int = Field(500, ge=1, description="crops scored per teacher forward")
+    pick: Literal["top", "spread"] = Field(
+        "top",
+        description="which scored patches: the best (RDED), or evenly spaced over the ranking -- easy to hard "
+        "(difficulty-spread, after PSM's difficulty groups)",
+    )
     anchor_pool: int = Field(
         20, ge=0, description="next-best real patches kept per class as residual anchors (recover.anchor: nearest)"
     )

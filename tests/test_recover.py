@@ -344,3 +344,24 @@ def test_select_keeps_an_anchor_pool_and_recover_uses_it(tiny_copy):
         torch.testing.assert_close(candidates[row, 1:], data.to_input(pool[labels[i]], torch.device("cpu")))
     plan.close()
     assert recover_module.recover(cfg)["images"] == len(init)
+
+
+def test_a_spread_pick_takes_patches_from_easy_to_hard(tiny_copy):
+    """select.pick=spread: the same scored candidates as the RDED pick, but ranks evenly spaced
+    from the best to the worst instead of the best IPC."""
+    from fadrm.distilled import load_set
+    from fadrm.stage import Layout
+    from fadrm.stages.select import select, spread
+
+    from .conftest import tiny_config
+
+    assert spread(300, 10) == [0, 33, 66, 100, 133, 166, 199, 233, 266, 299] and spread(7, 1) == [0]
+    scores = {}
+    for pick in ("top", "spread"):
+        cfg = tiny_config(tiny_copy.out_dir, f"select.pick={pick}")
+        select(cfg)
+        _, _, manifest = load_set(Layout.of(cfg).stage("select"))
+        scores[pick] = [[p["score"] for p in e["patches"]][0] for e in manifest["images"]]
+    top, wide = np.reshape(scores["top"], (10, 2)), np.reshape(scores["spread"], (10, 2))  # ipc 2, 20 candidates
+    assert np.array_equal(top[:, 0], wide[:, 0])  # rank 0: the best patch either way
+    assert (wide[:, 1] > top[:, 1]).all()  # the other is the worst of 20, not the second best

@@ -198,8 +198,10 @@ class Selection:
         precision = resolve_precision("auto", self.device)
         best = _best_crop_per_image(self.teacher[1], data, self.train, chosen, label, patch, sel, rng, self.device, precision)
         ranked = sorted(best, key=lambda b: b["score"])
-        pool = [b.pop("pixels") for b in ranked[need : need + sel.anchor_pool]] if factor == 1 else []
-        ranked = ranked[:need]
+        picked = spread(len(ranked), need) if sel.pick == "spread" else list(range(need))
+        rest = [b for i, b in enumerate(ranked) if i not in set(picked)]
+        pool = [b.pop("pixels") for b in rest[: sel.anchor_pool]] if factor == 1 else []
+        ranked = [ranked[i] for i in picked]
         images, entries = [], []
         for i in range(cfg.ipc):
             cells = [ranked[k * cfg.ipc + i] for k in range(factor * factor)]
@@ -231,6 +233,13 @@ class Selection:
         gaussian = torch.from_numpy(rng.standard_normal((self.cfg.ipc, 3, res, res), dtype=np.float32))
         entries = [{"label": label, "class": self.data.classes[label], "patches": []} for _ in range(self.cfg.ipc)]
         return to_uint8(self.data.denormalize(gaussian)), entries
+
+
+def spread(count: int, need: int) -> list[int]:
+    """``need`` ranks evenly spaced over ``count`` (first and last included), in rank order."""
+    if need == 1:
+        return [0]
+    return [round(i * (count - 1) / (need - 1)) for i in range(need)]
 
 
 def _check_ipc(ipc: int, data: Prepared, train: Split) -> None:
