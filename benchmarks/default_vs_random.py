@@ -49,15 +49,28 @@ def cell_config(method: str, seed: int, out: Path, overrides: list[str]):
     return load_config(ROOT / "params.yaml", None, base + overrides)
 
 
+def flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def fingerprint(cfg) -> str:
     """What a cell's figure depends on (a params.yaml edit reruns the cells it touches)."""
     import hashlib
 
-    dump = cfg.model_dump(mode="json")
-    dump.pop("out_dir")
-    dump.pop("tracking")
+    from fadrm.config import Config
+
+    # only what differs from the built-in defaults: a new setting (at its default) keeps old cells
+    dump = flat(cfg.model_dump(mode="json"))
+    defaults = flat(Config().model_dump(mode="json"))
+    dump = {k: v for k, v in dump.items() if defaults.get(k, object()) != v and k.split(".")[0] not in ("out_dir", "tracking")}
     if cfg.method in ("random", "rded"):  # no recovery: its settings do not touch the figure
-        dump.pop("recover")
+        dump = {k: v for k, v in dump.items() if not k.startswith("recover.")}
     return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
 
 

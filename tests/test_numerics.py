@@ -226,3 +226,25 @@ def test_host_arrays_reach_the_device_unchanged():
     if torch.cuda.is_available():  # pinned, non-blocking: same values once the stream has run
         out = to_device(a, torch.device("cuda"))
         assert out.is_cuda and torch.equal(out.cpu(), torch.from_numpy(a))
+
+
+def test_deferred_teacher_checks_name_the_first_broken_batch_when_read(tiny_run):
+    """As on CUDA: logits() does not wait for the device; check() (once per epoch) raises for the
+    first batch whose teacher output was not finite, naming the teacher and the batch."""
+    cfg, _ = tiny_run
+    layout = Layout.of(cfg)
+    from fadrm.data.prepared import Prepared
+
+    data = Prepared(layout.stage("prepare"))
+    recipe = {**read_json(layout.stage("relabel") / RECIPE), "mode": "online"}
+    good, broken = create_model("convnet", 10, 32).eval(), create_model("convnet", 10, 32)
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float("nan"))
+    labels = SoftLabels(recipe, data, torch.device("cpu"), teachers=[("0-convnet", good), ("1-convnet", broken.eval())])
+    labels.deferred = True
+    images, views = torch.rand(20, 3, 32, 32), labels.views(0)
+    labels.logits(0, images, views, np.arange(5), at="epoch 1, batch 1")
+    labels.logits(0, images, views, np.arange(5, 10), at="epoch 1, batch 2")  # no error yet
+    with pytest.raises(DivergenceError, match=r"teacher 1-convnet gave non-finite logits \(epoch 1, batch 1\)"):
+        labels.check()
+    labels.check()  # read once: nothing pending

@@ -105,6 +105,7 @@ def evaluate(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
             if world > 1:
                 dist.all_reduce(loss_sum)
             train_loss = loss_sum.item() / n
+            soft.check()  # online labels on CUDA: the teachers' finiteness, read once per epoch
             check_model(student, where, f"the end of epoch {epoch + 1}", hint)
             check_epoch_loss(train_loss, data.num_classes, where, f"epoch {epoch + 1}", hint, final=epoch + 1 == ev.epochs)
             row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}

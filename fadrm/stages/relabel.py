@@ -105,8 +105,10 @@ def _label_epochs(labels: SoftLabels, images: torch.Tensor, partial: Path, shard
         rows = []
         for s in range(0, n, batch):
             at = f"epoch {epoch + 1}, views {s}-{min(s + batch, n) - 1}"
-            rows.append(_fits_fp16(labels.teacher_logits(images, views, np.arange(s, min(s + batch, n)), at=at), at))
-        encoded = encode(torch.cat(rows).float().cpu(), recipe["top_k"])
+            rows.append(labels.teacher_logits(images, views, np.arange(s, min(s + batch, n)), at=at))
+        labels.check()
+        epoch_logits = _fits_fp16(torch.cat(rows), epoch, batch)  # checked once per epoch: one sync
+        encoded = encode(epoch_logits.float().cpu(), recipe["top_k"])
         tmp = partial / f"epoch-{epoch:05d}.tmp"
         save_file(encoded, str(tmp))
         tmp.replace(partial / f"epoch-{epoch:05d}.safetensors")
@@ -114,12 +116,15 @@ def _label_epochs(labels: SoftLabels, images: torch.Tensor, partial: Path, shard
     progress.close()
 
 
-def _fits_fp16(logits: torch.Tensor, at: str) -> torch.Tensor:
-    """Logits that fp16 storage can hold (|x| <= 65504, else inf), or an error naming where."""
-    largest = logits.abs().max().item()
-    if largest > torch.finfo(torch.float16).max:
+def _fits_fp16(logits: torch.Tensor, epoch: int, batch: int) -> torch.Tensor:
+    """An epoch's logits if fp16 storage can hold them (|x| <= 65504, else inf), or an error naming
+    the first batch of views that cannot be stored."""
+    largest = logits.abs().amax(1)
+    if float(largest.max()) > torch.finfo(torch.float16).max:
+        first = int((largest > torch.finfo(torch.float16).max).nonzero()[0]) // batch * batch
+        at = f"epoch {epoch + 1}, views {first}-{min(first + batch, len(logits)) - 1}"
         raise DivergenceError(
-            f"relabel: teacher logits up to {largest:.3g} at {at} do not fit fp16 storage; such teachers are "
+            f"relabel: teacher logits up to {float(largest.max()):.3g} at {at} do not fit fp16 storage; such teachers are "
             "broken (rerun `fadrm squeeze` with a lower squeeze.lr), or use relabel.mode=online"
         )
     return logits
@@ -164,6 +169,11 @@ class SoftLabels:
         self.precision = resolve_precision(precision, device)
         self._path = stored
         self._file = safe_open(str(stored), framework="pt") if stored is not None else None
+        # On CUDA a per-batch finiteness test of the teachers' logits would make the host wait for
+        # the device at every batch: the flags are kept on the device and read by check() (once per
+        # epoch, where relabel and evaluate sync anyway). Elsewhere they are tested at once.
+        self.deferred = device.type == "cuda"
+        self._pending: list[tuple[torch.Tensor, str, str]] = []
 
     @classmethod
     def open(cls, folder: Path, data: Prepared, device: torch.device, squeeze_dir: Path, precision: str = "auto") -> SoftLabels:
@@ -202,13 +212,28 @@ class SoftLabels:
         for name, model in self.teachers:
             with autocast(self.device, self.precision):
                 out = model(x).float()
-            if not torch.isfinite(out).all():
-                raise DivergenceError(
-                    f"soft labels: teacher {name} gave non-finite logits ({at or 'these views'}); the teacher in "
-                    "squeeze/ is broken: rerun `fadrm squeeze` (a lower squeeze.lr) and `fadrm relabel`"
-                )
+            if self.deferred:
+                self._pending.append((torch.isfinite(out).all(), name, at))
+            elif not torch.isfinite(out).all():
+                raise self._broken(name, at)
             total = out if total is None else total + out
         return total / len(self.teachers)
+
+    def check(self) -> None:
+        """Raise for the first non-finite teacher output since the last check (deferred mode: one sync)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        for ok, (_, name, at) in zip(torch.stack([flag for flag, _, _ in pending]).tolist(), pending):
+            if not ok:
+                raise self._broken(name, at)
+
+    @staticmethod
+    def _broken(name: str, at: str) -> DivergenceError:
+        return DivergenceError(
+            f"soft labels: teacher {name} gave non-finite logits ({at or 'these views'}); the teacher in "
+            "squeeze/ is broken: rerun `fadrm squeeze` (a lower squeeze.lr) and `fadrm relabel`"
+        )
 
     def logits(self, epoch: int, images: torch.Tensor | None, views: Views, positions: np.ndarray, at: str = "") -> torch.Tensor:
         """The labels of the view records at ``positions`` (a contiguous range) of ``epoch``."""
