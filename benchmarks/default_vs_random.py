@@ -83,7 +83,7 @@ def base_for(name: str, seed: int, overrides: list[str], results: dict) -> Path:
     """A finished run of this seed with the same data and teacher settings to start from (the
     first such variant trains the teacher; the others reuse it), else FADRM's run of the seed."""
     key = teacher_key(overrides)
-    for record in results.values():
+    for record in reversed(list(results.values())):  # the latest: made by the code most like today's
         same = record["seed"] == seed and teacher_key(record["overrides"]) == key
         if key and same and record["variant"] not in ("fadrm", name) and (OUT / f"{record['variant']}-s{seed}").is_dir():
             return OUT / f"{record['variant']}-s{seed}"

@@ -36,8 +36,9 @@ STAGES = ("prepare", "squeeze", "select", "recover", "relabel", "evaluate")
 KEPT = ("images", "views", "bytes_total", "bytes_per_image_epoch", "train_images")
 # after the pipeline: the soft labels again, compact (top-10 logits in fp16 plus one fill value per view)
 EXTRA = (("relabel top-10", "relabel", ("relabel.top_k=10",)),)
-# cheapest first: the same distilled set over a 10x larger dataset, then 10x the classes, then IPC
-CELLS = ("100x4@1", "100x40@1", "1000x4@1", "100x12@10", "100x50@50", "1000x12@10", "1000x50@50")
+# cheapest first: the same distilled set over a 10x larger dataset, 10x the classes, then IPC 1/10/50
+# over one dataset (10 classes), then the ImageNet-sized cells a CPU cannot finish in a session
+CELLS = ("100x4@1", "100x40@1", "1000x4@1", "10x50@1", "10x50@10", "10x50@50", "100x12@10", "1000x50@50")
 
 
 def parse(cell: str) -> tuple[int, int, int]:
