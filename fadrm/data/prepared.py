@@ -21,8 +21,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from fadrm.data.archives import builtin_archive, restore_extracted
 from fadrm.data.images import to_rgb
-from fadrm.data.sources import builtin_archive, restore_extracted
 from fadrm.device import to_device
 from fadrm.errors import DataError
 from fadrm.io import read_json

@@ -11,24 +11,23 @@ offending folder, class or file for every problem a user can cause.
 
 from __future__ import annotations
 
-import gzip
-import lzma
 import os
-import shutil
-import tarfile
-import tempfile
-import zlib
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
-from fadrm.errors import DataError, UnsafeArchiveError
-from fadrm.io import sha256_file
+from fadrm.data.archives import (  # noqa: F401 - re-exported: the raw-data API in one place
+    EXTRACTED,
+    builtin_archive,
+    check_member,
+    keep_extracted,
+    restore_extracted,
+    safe_extract,
+)
+from fadrm.errors import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
-BUILTIN_ARCHIVE = "cifar10-mini.tar.gz"
 
 
 @dataclass
@@ -62,94 +61,6 @@ def _first_per_class(labels: np.ndarray, per_class: int | None) -> np.ndarray:
     if per_class is None:
         return np.arange(len(labels))
     return np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)]))
-
-
-def builtin_archive() -> Path:
-    """The small real CIFAR-10 subset carried in the package (500 train + 100 test per class)."""
-    with resources.as_file(resources.files("fadrm") / "assets" / BUILTIN_ARCHIVE) as path:
-        return Path(path)
-
-
-# ----------------------------------------------------------------------------- archives
-
-
-def check_member(member: tarfile.TarInfo, dest: Path) -> None:
-    """Refuse members that would land outside ``dest`` or are not plain files/folders."""
-    name = member.name
-    parts = PurePosixPath(name).parts
-    if name.startswith(("/", "\\")) or (parts and ":" in parts[0]) or ".." in parts:
-        raise UnsafeArchiveError(f"archive member '{name}' would be written outside {dest}; refusing to extract")
-    target = (dest / name).resolve()
-    if not target.is_relative_to(dest.resolve()):
-        raise UnsafeArchiveError(f"archive member '{name}' would be written outside {dest}; refusing to extract")
-    if member.issym() or member.islnk():
-        raise UnsafeArchiveError(f"archive member '{name}' is a link ({member.linkname}); refusing to extract")
-    if not (member.isfile() or member.isdir()):
-        raise UnsafeArchiveError(f"archive member '{name}' is not a regular file or folder; refusing to extract")
-
-
-def safe_extract(archive: Path, dest: Path) -> None:
-    """Extract a tar/tar.gz into ``dest``, checking every member before anything is written."""
-    archive = Path(archive)
-    if not archive.is_file():
-        raise DataError(f"archive not found: {archive}")
-    try:
-        with tarfile.open(archive) as tf:
-            members = tf.getmembers()
-            for member in members:
-                check_member(member, dest)
-            # The "data" filter is a second line of defence (Python >= 3.11.4 / 3.12).
-            tf.extractall(dest, members=members, filter="data")
-    except tarfile.TarError as exc:
-        raise DataError(f"{archive}: not a readable tar archive ({exc})") from None
-    except (EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as exc:
-        # a truncated or corrupted compressed stream (a download cut short)
-        raise DataError(
-            f"{archive}: the archive is truncated or corrupted ({type(exc).__name__}: {exc}); download or copy it again"
-        ) from None
-    except OSError as exc:
-        if exc.errno is not None:
-            raise  # a file-system failure while extracting (full disk, permissions): reported as such
-        raise DataError(f"{archive}: the archive is truncated or corrupted ({exc}); download or copy it again") from None
-
-
-EXTRACTED = ".cache/extracted"  # under the output folder, outside every DVC stage output
-COMPLETE = ".complete"
-
-
-def keep_extracted(tree: Path, archive_sha256: str, cache: Path) -> Path:
-    """Move a freshly extracted ``tree`` into ``cache/<sha256[:16]>`` (one copy per archive, kept
-    outside the stage outputs DVC versions) and return that folder; an existing copy is reused."""
-    dest = cache / archive_sha256[:16]
-    if not (dest / COMPLETE).is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        (tree / COMPLETE).write_text(archive_sha256 + "\n")
-        shutil.rmtree(dest, ignore_errors=True)  # an unfinished copy from an interrupted run
-        try:
-            tree.rename(dest)
-        except OSError:  # another process finished the same copy first
-            if not (dest / COMPLETE).is_file():
-                raise
-    return dest
-
-
-def restore_extracted(archive: Path, archive_sha256: str, dest: Path) -> None:
-    """Re-extract ``archive`` into ``dest`` (e.g. after ``dvc pull`` on another machine), refusing
-    an archive that is not the one the dataset was prepared from."""
-    if not Path(archive).is_file():
-        raise DataError(
-            f"the prepared dataset reads its images from {dest}, which is missing, and the archive it was "
-            f"extracted from ({archive}) is not here either; bring the archive back or rerun `fadrm prepare`"
-        )
-    if sha256_file(Path(archive)) != archive_sha256:
-        raise DataError(f"{archive} changed since the dataset was prepared from it; rerun `fadrm prepare`")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest.parent))
-    try:
-        safe_extract(archive, scratch)
-        keep_extracted(scratch, archive_sha256, dest.parent)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def find_root(base: Path) -> Path:
