@@ -38,7 +38,8 @@ KEPT = ("images", "views", "bytes_total", "bytes_per_image_epoch", "train_images
 EXTRA = (("relabel top-10", "relabel", ("relabel.top_k=10",)),)
 # cheapest first: the same distilled set over a 10x larger dataset, 10x the classes, then IPC 1/10/50
 # over one dataset (10 classes), then the ImageNet-sized cells a CPU cannot finish in a session
-CELLS = ("100x4@1", "100x40@1", "1000x4@1", "10x50@1", "10x50@10", "10x50@50", "100x12@10", "1000x50@50")
+# (select keeps one patch per real image: IPC x factor^2 = 4 IPC images per class at 224 px, 200 for IPC 50)
+CELLS = ("100x4@1", "100x40@1", "1000x4@1", "10x50@1", "10x50@10", "10x200@50", "100x40@10", "1000x200@50")
 
 
 def parse(cell: str) -> tuple[int, int, int]:
