@@ -15,7 +15,6 @@ Pixel formats are converted by the rules of :mod:`fadrm.data.images` and counted
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import io
 import os
@@ -23,6 +22,7 @@ import shutil
 import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -255,10 +255,6 @@ def _check_cache_fits(out: Path, images: int, resolution: int) -> None:
         )
 
 
-def _read_files_image(root: Path, resolution: int, decode: bool, rel: str):
-    return _read_image(root / rel, resolution, decode)
-
-
 def _from_files(root: Path, files, resolution: int, cache_dir: Path | None):
     """Hash (and, with a ``cache_dir``, decode) every file. Decoded pixels go straight into
     ``<cache_dir>/<split>_images.npy`` as they come (a memory-mapped .npy): memory stays at a few
@@ -276,9 +272,9 @@ def _from_files(root: Path, files, resolution: int, cache_dir: Path | None):
             )
         progress = bar(n, f"prepare {split}", unit="img")
         hashes = []
-        read = functools.partial(_read_files_image, root, resolution, target is not None)
+        paths = [root / rel for rel in listing.paths]
         with ThreadPoolExecutor(THREADS) as pool:
-            for i, (sha, pixels, rules) in enumerate(pool.map(read, listing.paths)):
+            for i, (sha, pixels, rules) in enumerate(pool.map(_read_image, paths, repeat(resolution), repeat(target is not None))):
                 hashes.append(sha)
                 if target is not None:
                     target[i] = pixels

@@ -199,7 +199,8 @@ class Selection:
         best = _best_crop_per_image(self.teacher[1], data, self.train, chosen, label, patch, sel, rng, self.device, precision)
         ranked = sorted(best, key=lambda b: b["score"])
         picked = spread(len(ranked), need) if sel.pick == "spread" else list(range(need))
-        rest = [b for i, b in enumerate(ranked) if i not in set(picked)]
+        taken = set(picked)
+        rest = [b for i, b in enumerate(ranked) if i not in taken]
         pool = [b.pop("pixels") for b in rest[: sel.anchor_pool]] if factor == 1 else []
         ranked = [ranked[i] for i in picked]
         images, entries = [], []

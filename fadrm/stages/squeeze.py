@@ -168,9 +168,9 @@ def train_teacher(model: nn.Module, name: str, data: Prepared, run: StageRun) ->
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(run.device, precision):
                 loss = criterion(model(x), y)
-            at = f"epoch {epoch + 1}, step {step + 1}/{steps_per_epoch}"
             optimizer.zero_grad(set_to_none=True)
             if watch is None:
+                at = f"epoch {epoch + 1}, step {step + 1}/{steps_per_epoch}"
                 guard.check_loss(loss, at)
                 scaler.scale(loss).backward()
                 guard.step(at)
