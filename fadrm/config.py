@@ -95,7 +95,9 @@ class SqueezeConfig(Section):
     """Teacher training (SGD, warmup + cosine, label smoothing, crop + flip)."""
 
     teachers: tuple[TeacherConfig, ...] = (TeacherConfig(),)
-    epochs: int = Field(10, ge=0, description="0: the teacher stays untrained (a sanity baseline)")
+    epochs: int = Field(
+        30, ge=0, description="0: the teacher stays untrained (a sanity baseline); 30: docs/default-vs-random.md"
+    )
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -125,9 +127,10 @@ class SelectConfig(Section):
     crop_scale: CropScale = (0.08, 1.0)
     batch_size: int = Field(500, ge=1, description="crops scored per teacher forward")
     pick: Literal["top", "spread"] = Field(
-        "top",
-        description="which scored patches: the best (RDED), or evenly spaced over the ranking -- easy to hard "
-        "(difficulty-spread, after PSM's difficulty groups)",
+        "spread",
+        description="which scored patches: evenly spaced over the ranking, easy to hard (difficulty-spread, after "
+        "PSM's difficulty groups; ahead of `top` on the built-in subset: docs/default-vs-random.md), or the best "
+        "(RDED and the paper; the paper's presets keep it)",
     )
     anchor_pool: int = Field(
         20, ge=0, description="next-best real patches kept per class as residual anchors (recover.anchor: nearest)"
