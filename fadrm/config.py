@@ -95,9 +95,7 @@ class SqueezeConfig(Section):
     """Teacher training (SGD, warmup + cosine, label smoothing, crop + flip)."""
 
     teachers: tuple[TeacherConfig, ...] = (TeacherConfig(),)
-    epochs: int = Field(
-        30, ge=0, description="0: the teacher stays untrained (a sanity baseline); 30: docs/default-vs-random.md"
-    )
+    epochs: int = Field(30, ge=0, description="0: the teacher stays untrained (a sanity baseline); 30: docs/default-vs-random.md")
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
