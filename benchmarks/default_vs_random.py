@@ -207,7 +207,8 @@ def render(results: dict) -> None:
         "`params.yaml` as `fadrm run` uses it (the built-in 6,000-image CIFAR-10 subset, IPC 10), one teacher per "
         "seed shared by every column, the same relabel/evaluate protocol. Student top-1 after the last epoch; "
         f"measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
-        f"torch {torch.__version__}. Other columns: `--variant NAME=METHOD[,KEY=VALUE...]` (overrides below).",
+        f"torch {torch.__version__}. Other columns: `--variant NAME=METHOD[,KEY=VALUE...]` (overrides below; "
+        "columns named `*-sq10` keep the earlier default's 10-epoch teacher, `*top*` its `select.pick=top`).",
         "",
         "| seed | teacher | " + " | ".join(label.get(n, n) for n in names) + " |",
         "|---|---|" + "---|" * len(names),

@@ -375,15 +375,22 @@ def test_a_prefect_run_prints_no_traceback_and_no_warning(tmp_path, extra):
 
 
 @pytest.mark.slow
-def test_a_local_dask_cluster_of_two_workers_runs_the_shards_and_changes_no_byte(harness, tiny_run, tmp_path):
+def test_a_local_dask_cluster_of_two_workers_runs_the_shards_and_changes_no_byte(harness, tmp_path):
     """`fadrm run --dask local:2`: select and recover run as one Prefect task per shard on a local
-    Dask cluster of two worker processes; the stages then assemble exactly what one process makes."""
+    Dask cluster of two worker processes; the stages then assemble exactly what one process makes
+    from the same inputs at the same thread count (Dask's workers run one: OMP_NUM_THREADS=1)."""
+    import shutil
+
+    import torch
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
 
+    from fadrm.stages.recover import recover
+    from fadrm.stages.select import select
     from flows.distill import distill_flow
 
-    reference, _ = tiny_run
+    from .conftest import tiny_config
+
     out = tmp_path / "out"
     state = distill_flow(
         params=str(tmp_path / "none.yaml"), preset="tiny", overrides=[f"out_dir={out}"], track=False, dask="local:2", return_state=True
@@ -398,8 +405,21 @@ def test_a_local_dask_cluster_of_two_workers_runs_the_shards_and_changes_no_byte
     assert sorted(r.name for r in shards if r.state.is_completed()) == sorted(names)
     metrics = {stage: json.loads((out / "metrics" / f"{stage}.json").read_text()) for stage in ("select", "recover")}
     assert metrics["select"]["selected_classes"] == 0 and metrics["recover"]["recovered_images"] == 0  # all by shards
+    # one process, one thread, from the Dask run's own prepared data and teacher
+    one = tmp_path / "one"
+    # without the stages' outputs and their shard files (which would be reused, not recomputed)
+    shutil.copytree(out, one, ignore=shutil.ignore_patterns("select", "recover", ".select.partial", ".recover.partial"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        select(tiny_config(one))
+        recover(tiny_config(one))
+    finally:
+        torch.set_num_threads(threads)
+    recomputed = {stage: json.loads((one / "metrics" / f"{stage}.json").read_text()) for stage in ("select", "recover")}
+    assert recomputed["select"]["selected_classes"] > 0 and recomputed["recover"]["recovered_images"] > 0  # not reused
     for stage in ("select", "recover"):
-        ours, theirs = out / stage / "images", Path(reference.out_dir) / stage / "images"
+        ours, theirs = out / stage / "images", one / stage / "images"
         files = sorted(p.relative_to(theirs) for p in theirs.rglob("*.png"))
         assert files and files == sorted(p.relative_to(ours) for p in ours.rglob("*.png"))
         assert all((ours / f).read_bytes() == (theirs / f).read_bytes() for f in files), stage
