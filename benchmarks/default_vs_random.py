@@ -208,7 +208,8 @@ def render(results: dict) -> None:
         "seed shared by every column, the same relabel/evaluate protocol. Student top-1 after the last epoch; "
         f"measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
         f"torch {torch.__version__}. Other columns: `--variant NAME=METHOD[,KEY=VALUE...]` (overrides below; "
-        "columns named `*-sq10` keep the earlier default's 10-epoch teacher, `*top*` its `select.pick=top`).",
+        "columns named `*-sq10` keep the earlier default's 10-epoch teacher, `*top*` FADRM on the earlier default's "
+        "`select.pick=top`; RDED picks top by its definition, `rded-spread` takes the spread patches without recovery).",
         "",
         "| seed | teacher | " + " | ".join(label.get(n, n) for n in names) + " |",
         "|---|---|" + "---|" * len(names),

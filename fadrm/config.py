@@ -124,11 +124,12 @@ class SelectConfig(Section):
     factor: int | None = Field(None, ge=1, description="patches per side; None: 2 at >=128 px, else 1")
     crop_scale: CropScale = (0.08, 1.0)
     batch_size: int = Field(500, ge=1, description="crops scored per teacher forward")
-    pick: Literal["top", "spread"] = Field(
-        "spread",
-        description="which scored patches: evenly spaced over the ranking, easy to hard (difficulty-spread, after "
-        "PSM's difficulty groups; ahead of `top` on the built-in subset: docs/default-vs-random.md), or the best "
-        "(RDED and the paper; the paper's presets keep it)",
+    pick: Literal["auto", "top", "spread"] = Field(
+        "auto",
+        description="which scored patches: `top`, the best (RDED's definition, and the paper's FADRM init); "
+        "`spread`, evenly spaced over the ranking, easy to hard (after PSM's difficulty groups; ahead of `top` "
+        "for FADRM on the built-in subset: docs/default-vs-random.md); `auto`: spread for the methods that "
+        "recover (FADRM, FADRM+), top for RDED",
     )
     anchor_pool: int = Field(
         20, ge=0, description="next-best real patches kept per class as residual anchors (recover.anchor: nearest)"

@@ -365,3 +365,8 @@ def test_a_spread_pick_takes_patches_from_easy_to_hard(tiny_copy):
     top, wide = np.reshape(scores["top"], (10, 2)), np.reshape(scores["spread"], (10, 2))  # ipc 2, 20 candidates
     assert np.array_equal(top[:, 0], wide[:, 0])  # rank 0: the best patch either way
     assert (wide[:, 1] > top[:, 1]).all()  # the other is the worst of 20, not the second best
+    for method, same in (("fadrm", "spread"), ("rded", "top")):  # auto: RDED keeps its own definition
+        cfg = tiny_config(tiny_copy.out_dir, f"method={method}", "select.pick=auto")
+        select(cfg)
+        _, _, manifest = load_set(Layout.of(cfg).stage("select"))
+        assert [[p["score"] for p in e["patches"]][0] for e in manifest["images"]] == scores[same], method

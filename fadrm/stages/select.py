@@ -198,7 +198,7 @@ class Selection:
         precision = resolve_precision("auto", self.device)
         best = _best_crop_per_image(self.teacher[1], data, self.train, chosen, label, patch, sel, rng, self.device, precision)
         ranked = sorted(best, key=lambda b: b["score"])
-        picked = spread(len(ranked), need) if sel.pick == "spread" else list(range(need))
+        picked = spread(len(ranked), need) if pick_of(cfg) == "spread" else list(range(need))
         taken = set(picked)
         rest = [b for i, b in enumerate(ranked) if i not in taken]
         pool = [b.pop("pixels") for b in rest[: sel.anchor_pool]] if factor == 1 else []
@@ -234,6 +234,13 @@ class Selection:
         gaussian = torch.from_numpy(rng.standard_normal((self.cfg.ipc, 3, res, res), dtype=np.float32))
         entries = [{"label": label, "class": self.data.classes[label], "patches": []} for _ in range(self.cfg.ipc)]
         return to_uint8(self.data.denormalize(gaussian)), entries
+
+
+def pick_of(cfg: Config) -> str:
+    """``select.pick``, with ``auto`` resolved: spread for the methods that recover, top for RDED."""
+    if cfg.select.pick != "auto":
+        return cfg.select.pick
+    return "spread" if METHODS[cfg.method].recover else "top"
 
 
 def spread(count: int, need: int) -> list[int]:
