@@ -3,11 +3,12 @@
 ``patches`` (FADRM, RDED): per class draw ``candidates`` real images, take
 ``crops_per_image`` random-resized square crops of side ``resolution / factor`` from each,
 score every crop by the first teacher's cross-entropy to the true class (the crop
-zero-padded, centred, to the full input size), keep each image's best crop, keep the best
-``IPC * factor^2`` and stitch ``factor x factor`` of them per image (cell k of image i takes
-rank ``k * IPC + i``). ``random``: IPC random real images. ``noise``: Gaussian noise in the
-teacher's input space (SRe2L). The manifest names, for every patch, its real source file,
-crop box and score.
+zero-padded, centred, to the full input size), keep each image's best crop, keep
+``IPC * factor^2`` of them -- the best (``select.pick: top``, RDED's) or ranks evenly spaced from
+easiest to hardest (``spread``; ``auto``: spread for the methods that recover) -- and stitch
+``factor x factor`` of them per image (cell k of image i takes the k * IPC + i-th kept).
+``random``: IPC random real images. ``noise``: Gaussian noise in the teacher's input space
+(SRe2L). The manifest names, for every patch, its real source file, crop box and score.
 """
 
 from __future__ import annotations
