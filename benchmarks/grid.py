@@ -3,6 +3,7 @@
     python benchmarks/grid.py teachers                       # prepare + train the teachers (convnet, resnet18)
     python benchmarks/grid.py run                            # every cell; finished cells are skipped
     python benchmarks/grid.py run --ipc 10 --seeds 0 1 2 --methods rded fadrm --students convnet
+    python benchmarks/grid.py run --variant spread-pick -S select.pick=spread --ipc 10 --methods fadrm --students convnet
     python benchmarks/grid.py docs                           # re-render docs/benchmarks.md from the JSON
 
 Defaults: full CIFAR-10 from ../shared/data/cifar10-jpeg.tar.gz (`--data` names another tar or
@@ -57,6 +58,8 @@ TEACHER_OVERRIDES = {
     "resnet20": ["squeeze.epochs=15", "squeeze.lr=0.1"],
 }  # ResNet-20: FADRM+'s second teacher on CPUs
 SET_STAGES = ("squeeze", "select", "recover", "relabel")
+# relative cost of making a set: the recovering methods first, so they are not the tail of a run
+SET_COST = {"fadrm+": 3, "fadrm": 2, "sre2l": 2, "rded": 1, "random": 0}
 
 
 def base_config(args, out: Path, *overrides: str) -> Config:
@@ -82,11 +85,19 @@ def link_stage(src_root: Path, dest_root: Path, stage: str) -> None:
 
 
 def prepared(args) -> Path:
+    from fadrm.lock import OutputBusyError
     from fadrm.pipeline import run_pipeline
 
     root = args.out / "prepared"
-    run_pipeline(base_config(args, root), until="prepare")
-    return root
+    deadline = time.monotonic() + 3600
+    while True:  # grids run side by side share one prepared dataset: wait for the one checking it
+        try:
+            run_pipeline(base_config(args, root), until="prepare")
+            return root
+        except OutputBusyError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def teacher_file(args, arch: str) -> Path:
@@ -128,7 +139,8 @@ def teachers_override(args, method: str) -> str:
 
 
 def set_dir(args, method: str, ipc: int, seed: int) -> Path:
-    return args.out / "sets" / f"{method}-ipc{ipc}-s{seed}"
+    root = args.out / "variants" / args.variant if args.variant else args.out
+    return root / "sets" / f"{method}-ipc{ipc}-s{seed}"
 
 
 def make_set(args, method: str, ipc: int, seed: int) -> dict[str, Any]:
@@ -184,6 +196,7 @@ def evaluate_set(args, method: str, ipc: int, seed: int, student: str, labels: s
         metrics = evaluate(cfg, tracker)
     made = read_json(src / "done.json")
     record = {
+        **({"variant": args.variant, "overrides": args.set} if args.variant else {}),
         "method": method,
         "ipc": ipc,
         "seed": seed,
@@ -226,6 +239,7 @@ def _cell_tracker(args, cfg: Config, parent: str | None, name: str):
                     "fadrm.ipc": str(cfg.ipc),
                     "fadrm.seed": str(cfg.seed),
                     "fadrm.student": cfg.evaluate.student,
+                    "fadrm.variant": args.variant or "",
                 }
             )
             yield cell
@@ -255,7 +269,8 @@ def run(args) -> None:
     sets = [(m, ipc, s) for ipc in args.ipc for m in args.methods for s in args.seeds]
     evals = [(*cell, student, labels) for cell in sets for student in args.students for labels in args.labels]
     records = {_key(r): r for r in (json.loads(args.records.read_text()) if args.records.is_file() else [])}
-    todo = [e for e in evals if _key(dict(zip(("method", "ipc", "seed", "student", "labels"), e))) not in records]
+    fields = ("method", "ipc", "seed", "student", "labels")
+    todo = [e for e in evals if _key({"variant": args.variant, **dict(zip(fields, e))}) not in records]
     # soft labels (the protocol) before hard ones, and seed by seed, so an interrupted run has whole rows
     todo.sort(key=lambda e: (e[4] != "soft", e[2], e[1], METHODS.index(e[0]), e[3]))
     print(f"{len(evals)} evaluations, {len(evals) - len(todo)} already recorded, {len(todo)} to do", flush=True)
@@ -263,16 +278,24 @@ def run(args) -> None:
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     context = multiprocessing.get_context("spawn")
     with futures.ProcessPoolExecutor(args.workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
-        needed = sorted({e[:3] for e in todo}, key=lambda c: (c[1], METHODS.index(c[0]), c[2]))
-        for done in futures.as_completed([pool.submit(make_set, args, *c) for c in needed]):
-            made = done.result()
-            print(f"set {made['method']} ipc{made['ipc']} s{made['seed']}: {made['seconds']} s", flush=True)
-        jobs = [pool.submit(evaluate_set, args, *e, parent) for e in todo]
-        for done in futures.as_completed(jobs):
-            record = done.result()
-            records[_key(record)] = {**record, "command": args.command}
-            write_json(args.records, sorted(records.values(), key=_order))
-            print(f"{_key(record)}: top-1 {100 * record['top1']:.2f}%", flush=True)
+        # The costly sets (recovery) start first; a set's evaluations start as soon as it is made,
+        # so the workers never wait for the slowest set before evaluating the others.
+        needed = sorted({e[:3] for e in todo}, key=lambda c: (-SET_COST.get(c[0], 0), c[1], c[2]))
+        pending = {pool.submit(make_set, args, *c): "set" for c in needed}
+        while pending:
+            finished, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+            for done in finished:
+                if pending.pop(done) == "set":
+                    made = done.result()
+                    print(f"set {made['method']} ipc{made['ipc']} s{made['seed']}: {made['seconds']} s", flush=True)
+                    cell = (made["method"], made["ipc"], made["seed"])
+                    for e in (e for e in todo if e[:3] == cell):
+                        pending[pool.submit(evaluate_set, args, *e, parent)] = "evaluation"
+                    continue
+                record = done.result()
+                records[_key(record)] = {**record, "command": args.command}
+                write_json(args.records, sorted(records.values(), key=_order))
+                print(f"{_key(record)}: top-1 {100 * record['top1']:.2f}%", flush=True)
     if parent:
         client.log_artifact(parent, str(args.records))
         client.set_terminated(parent, "FINISHED")
@@ -280,11 +303,13 @@ def run(args) -> None:
 
 
 def _key(r: dict) -> str:
-    return f"{r['method']}|ipc{r['ipc']}|s{r['seed']}|{r['student']}|{r['labels']}"
+    variant = f"{r['variant']}|" if r.get("variant") else ""
+    return f"{variant}{r['method']}|ipc{r['ipc']}|s{r['seed']}|{r['student']}|{r['labels']}"
 
 
 def _order(r: dict):
-    return (r["ipc"], METHODS.index(r["method"]) if r["method"] in METHODS else 99, r["student"], r["labels"], r["seed"])
+    method = METHODS.index(r["method"]) if r["method"] in METHODS else 99
+    return (r.get("variant") or "", r["ipc"], method, r["student"], r["labels"], r["seed"])
 
 
 def _teacher_figures(args) -> dict[str, dict]:
@@ -333,6 +358,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--no-track", dest="track", action="store_false", help="no MLflow runs")
     parser.add_argument("-S", "--set", action="append", default=[], help="extra override for every cell")
+    parser.add_argument(
+        "--variant",
+        help="name these cells' -S overrides: their sets live under OUT/variants/NAME and their records carry "
+        "the name (a section of their own in docs/benchmarks.md, compared seed by seed with the plain cells)",
+    )
     args = parser.parse_args()
     args.command = "python benchmarks/grid.py " + shlex.join(sys.argv[1:])
     args.out = args.out.resolve()

@@ -5,7 +5,8 @@ DD-Ranking (Li et al., 2025) separates what the images carry from what the teach
 carry, per IPC and student:
 
 - hard-label recovery  HLR = acc(full real data, hard labels) - acc(distilled set, hard labels)   (lower is better)
-- improvement over random  IOR = acc(distilled set, soft) - acc(random real images, soft)          (higher is better)
+- improvement over random  IOR = acc(distilled set, soft) - acc(random real images, soft)          (higher is better;
+  here paired: the same seed's random images, averaged over the seeds both have)
 - label-robust score  LRS = (exp(a) - 1/e) / (e - 1/e),  a = w IOR - (1 - w) HLR,  w = 0.5 (accuracies as fractions)
 
 The full-data accuracy of an architecture is its teacher's: the same architecture trained on
@@ -43,31 +44,88 @@ def _cell(values: list[float]) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f} (n={n})"
 
 
-def summarise(records: list[dict], teachers: dict[str, dict]) -> dict:
-    """{(ipc, method, student): {soft, hard, ior, hlr, lrs, ...}} from the per-seed records."""
-    acc = defaultdict(list)
+def _by_seed(records: list[dict]) -> dict[tuple, dict[int, float]]:
+    """{(variant, ipc, method, student, labels): {seed: top1}}"""
+    acc: dict[tuple, dict[int, float]] = defaultdict(dict)
     for r in records:
-        acc[(r["ipc"], r["method"], r["student"], r["labels"])].append(r["top1"])
+        acc[(r.get("variant") or "", r["ipc"], r["method"], r["student"], r["labels"])][r["seed"]] = r["top1"]
+    return acc
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> list[float]:
+    """a - b seed by seed, over the seeds both have."""
+    return [a[s] - b[s] for s in sorted(a.keys() & b.keys())]
+
+
+def summarise(records: list[dict], teachers: dict[str, dict]) -> dict:
+    """{(ipc, method, student): {soft, hard, ior, hlr, lrs, ...}} from the plain (not variant) records.
+
+    IOR is paired: the method minus random images of the same seed, over the seeds both have."""
+    acc = _by_seed([r for r in records if not r.get("variant")])
     out = {}
-    for ipc, method, student, labels in list(acc):
+    for _, ipc, method, student, labels in list(acc):
         if labels != "soft":
             continue
-        soft, hard = acc[(ipc, method, student, "soft")], acc.get((ipc, method, student, "hard"), [])
-        row = {"soft": soft, "hard": hard}
-        random_soft = acc.get((ipc, "random", student, "soft"))
-        if random_soft:
-            row["ior"] = statistics.mean(soft) - statistics.mean(random_soft)
+        soft, hard = acc[("", ipc, method, student, "soft")], acc.get(("", ipc, method, student, "hard"), {})
+        row = {"soft": list(soft.values()), "hard": list(hard.values())}
+        gains = paired(soft, acc.get(("", ipc, "random", student, "soft"), {}))
+        if gains:
+            row["ior"] = statistics.mean(gains)
+            row["ior_n"] = len(gains)
         full = teachers.get(student, {}).get("top1")
         if hard and full is not None:
-            row["hlr"] = full - statistics.mean(hard)
+            row["hlr"] = full - statistics.mean(hard.values())
         if "ior" in row and "hlr" in row:
             row["lrs"] = lrs(row["ior"], row["hlr"])
         out[(ipc, method, student)] = row
     return out
 
 
+def _teachers_of(records: list[dict]) -> dict[str, dict]:
+    """{arch: {"top1": ...}} from the records' teachers (named ``<i>-<arch>`` by squeeze)."""
+    found: dict[str, dict] = {}
+    for r in records:
+        for name, top1 in (r.get("teachers") or {}).items():
+            found.setdefault(name.split("-", 1)[-1], {"top1": top1})
+    return found
+
+
+def variant_rows(records: list[dict]) -> list[str]:
+    """A table of the variant cells, each against the plain cell of the same seeds."""
+    acc = _by_seed(records)
+    overrides = {r["variant"]: r.get("overrides", []) for r in records if r.get("variant")}
+    keys = sorted(k for k in acc if k[0])
+    if not keys:
+        return []
+    lines = [
+        "## Variants (one setting changed, same teacher and protocol)",
+        "",
+        "`python benchmarks/grid.py run --variant NAME -S KEY=VALUE ...`: the plain cell's set made again with the "
+        "overrides; the change is paired, seed by seed, against the plain cell (mean ± std of the differences).",
+        "",
+        "| variant | IPC | method | student | labels | top-1 (%) | plain, same seeds (%) | change (points) | overrides |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in keys:
+        variant, ipc, method, student, labels = key
+        mine, plain = acc[key], acc.get(("", ipc, method, student, labels), {})
+        common = sorted(mine.keys() & plain.keys())
+        diffs = paired(mine, plain)
+        change = "-"
+        if diffs:
+            mean, std, n = _stats(diffs)
+            change = f"{100 * mean:+.2f} ± {100 * std:.2f} (n={n})"
+        ov = " ".join(overrides.get(variant, []))
+        lines.append(
+            f"| {variant} | {ipc} | {method} | {STUDENT_NAMES.get(student, student)} | {labels} | "
+            f"{_cell(list(mine.values()))} | {_cell([plain[s] for s in common])} | {change} | `{ov}` |"
+        )
+    return [*lines, ""]
+
+
 def render(records_path: Path, md_path: Path, teachers: dict[str, dict]) -> Path:
     records = json.loads(Path(records_path).read_text()) if Path(records_path).is_file() else []
+    teachers = {**teachers, **_teachers_of(records)}  # the runs' own teacher figures first: docs from the JSON alone
     rows = summarise(records, teachers)
     students = [s for s in STUDENT_NAMES if any(k[2] == s for k in rows)]
     lines = [
@@ -125,6 +183,10 @@ def render(records_path: Path, md_path: Path, teachers: dict[str, dict]) -> Path
                 ]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += variant_rows(records)
+    notes = Path(records_path).with_suffix(".notes.md")  # what the figures say, written by hand beside the records
+    if notes.is_file():
+        lines += ["## Reading", "", notes.read_text().strip(), ""]
     lines += _provenance(records)
     md_path.write_text("\n".join(lines) + "\n")
     return md_path
@@ -137,10 +199,14 @@ def _provenance(records: list[dict]) -> list[str]:
     commands = sorted({r.get("command", "?") for r in records})
     torch_versions = sorted({r.get("torch", "?") for r in records})
     evaluate_hours = sum(r.get("evaluate_seconds", 0) for r in records) / 3600
+    sets = {(r.get("variant"), r["method"], r["ipc"], r["seed"]): r.get("set_seconds", 0) for r in records}
+    set_hours = sum(sets.values()) / 3600
     return [
         "## How these were made",
         "",
-        f"- {len(records)} evaluations; student training and testing took {evaluate_hours:.1f} h in all.",
+        f"- {len(records)} evaluations of {len(sets)} sets; making the sets (select, recover, relabel) took "
+        f"{set_hours:.1f} h and student training and testing {evaluate_hours:.1f} h, summed over processes "
+        "(several run at once on one machine: `--workers`).",
         "- Machines: " + "; ".join(devices) + ". torch " + ", ".join(torch_versions) + ".",
         "- Commands:",
         *(f"  - `{c}`" for c in commands),

@@ -47,3 +47,30 @@ def test_report_shows_mean_std_and_n(tmp_path):
     text = render(path, tmp_path / "benchmarks.md", {"convnet": {"top1": 0.82}}).read_text()
     assert "| fadrm | 57.00 ± 1.41 (n=2) | 42.00 ± 2.83 (n=2) | 48.2 |" in text
     assert "python benchmarks/grid.py run" in text and "IOR" in text
+
+
+def test_over_random_is_paired_by_seed():
+    # random has a third seed that fadrm lacks: it must not enter fadrm's IOR
+    extra = {"method": "random", "ipc": 10, "seed": 2, "student": "convnet", "labels": "soft", "top1": 0.10}
+    rows = summarise([*_records(), extra], {})
+    assert rows[(10, "fadrm", "convnet")]["ior"] == pytest.approx(0.06)
+    assert rows[(10, "fadrm", "convnet")]["ior_n"] == 2
+
+
+def test_variants_are_their_own_rows_paired_with_the_plain_cells(tmp_path):
+    import json
+
+    variant = [
+        {**r, "variant": "step-0.05", "overrides": ["recover.lr=0.05"], "top1": r["top1"] + 0.01 * (1 + r["seed"])}
+        for r in _records()
+        if r["method"] == "fadrm" and r["labels"] == "soft"
+    ]
+    rows = summarise([*_records(), *variant], {})
+    assert rows[(10, "fadrm", "convnet")]["soft"] == [0.56, 0.58]  # the variant is not mixed into the plain cell
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps([*_records(), *variant]))
+    (tmp_path / "records.notes.md").write_text("What the figures say.\n")
+    text = render(path, tmp_path / "benchmarks.md", {}).read_text()
+    line = next(x for x in text.splitlines() if x.startswith("| step-0.05 |"))
+    assert "| 58.50 ± 2.12 (n=2) | 57.00 ± 1.41 (n=2) | +1.50 ± 0.71 (n=2) | `recover.lr=0.05` |" in line
+    assert "What the figures say." in text
