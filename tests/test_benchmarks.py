@@ -74,3 +74,42 @@ def test_variants_are_their_own_rows_paired_with_the_plain_cells(tmp_path):
     line = next(x for x in text.splitlines() if x.startswith("| step-0.05 |"))
     assert "| 58.50 ± 2.12 (n=2) | 57.00 ± 1.41 (n=2) | +1.50 ± 0.71 (n=2) | `recover.lr=0.05` |" in line
     assert "What the figures say." in text
+
+
+@pytest.mark.slow
+def test_grid_records_plain_and_variant_cells_and_skips_them_on_a_rerun(tmp_path):
+    """benchmarks/grid.py end to end on the built-in subset at toy settings: a plain cell, then a named
+    variant whose set is made again with its override, then a rerun that finds both recorded."""
+    import json
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    records = tmp_path / "records.json"
+    common = [
+        *("--preset tiny --data fadrm/assets/cifar10-mini.tar.gz --teacher-archs convnet --no-track".split()),
+        *("--ipc 1 --seeds 0 --students convnet --labels soft --methods fadrm".split()),
+        *("-S squeeze.epochs=1 -S evaluate.epochs=2 -S relabel.epochs=2 -S recover.iterations=2".split()),
+        *("--out", str(tmp_path / "grid"), "--records", str(records), "--report", str(tmp_path / "b.md")),
+    ]
+    env = {**os.environ, "FADRM_PROGRESS": "0"}
+
+    def grid(*args):
+        done = subprocess.run(
+            [sys.executable, "benchmarks/grid.py", *args], cwd=root, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    grid("teachers", *common)
+    grid("run", *common)
+    grid("run", *common, "--variant", "a07", "-S", "recover.alpha=0.7")
+    assert "0 to do" in grid("run", *common, "--variant", "a07", "-S", "recover.alpha=0.7")
+    rows = json.loads(records.read_text())
+    assert [(r.get("variant"), r["method"], r["ipc"], r["seed"]) for r in rows] == [
+        (None, "fadrm", 1, 0),
+        ("a07", "fadrm", 1, 0),
+    ]
+    stage = json.loads((tmp_path / "grid/variants/a07/sets/fadrm-ipc1-s0/recover/stage.json").read_text())
+    assert '"alpha": 0.7' in json.dumps(stage)
+    assert "| a07 | 1 | fadrm |" in (tmp_path / "b.md").read_text()
