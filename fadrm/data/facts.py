@@ -46,7 +46,7 @@ def default_recover_crop_scale(resolution: int) -> tuple[float, float]:
     """Recovery views should look like the teacher's training views, or BN matching fights the
     augmentation: small teachers train on padded crops of the whole image (scale ~(0.5, 1)),
     large ones on random-resized crops (0.08, 1). On CIFAR-10 IPC 10 the small-crop views gave
-    +3 points of student accuracy (docs/benchmarks.md)."""
+    +3 points of student accuracy (docs/benchmarks-cpu-sweep.md)."""
     return (0.5, 1.0) if resolution <= SMALL else (0.08, 1.0)
 
 
