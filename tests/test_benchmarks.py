@@ -95,9 +95,7 @@ def test_grid_records_plain_and_variant_cells_and_skips_them_on_a_rerun(tmp_path
     env = {**os.environ, "FADRM_PROGRESS": "0"}
 
     def grid(*args):
-        done = subprocess.run(
-            [sys.executable, "benchmarks/grid.py", *args], cwd=root, env=env, capture_output=True, text=True
-        )
+        done = subprocess.run([sys.executable, "benchmarks/grid.py", *args], cwd=root, env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
         return done.stdout
 
