@@ -153,6 +153,13 @@ class RecoverConfig(Section):
     ce_weight: float = Field(1.0, ge=0)
     bn_weight: float = Field(0.01, ge=0, description="lambda_bn")
     first_bn_weight: float = Field(10.0, ge=0, description="w_1, the first BN layer's weight")
+    bn_groups: int = Field(
+        1,
+        ge=1,
+        description="difficulty groups (PSM): each image matches the BN statistics of real images as hard for the "
+        "teacher as its initialisation (quantiles of the teacher's loss); 1: the running statistics (FADRM)",
+    )
+    bn_group_images: int = Field(20000, ge=1, description="real training images (class-balanced sample) behind the groups")
     batch_size: int = Field(100, ge=1)
     jitter: int | None = Field(None, ge=0, description="circular shift; None: 4 below 128 px, else 32")
     crop_scale: CropScale | None = Field(

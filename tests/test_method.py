@@ -10,7 +10,7 @@ from torch import nn
 from fadrm.augment import crop_boxes, render_views, resized_crop, sample_views
 from fadrm.config import RecoverConfig
 from fadrm.errors import ConfigError, DivergenceError
-from fadrm.losses import BNStatsLoss, soft_kl
+from fadrm.losses import BNStatsLoss, grouped_bn_statistics, soft_kl
 from fadrm.methods import METHODS
 from fadrm.models import ConvNet
 from fadrm.stages.recover import (
@@ -73,6 +73,56 @@ def test_bn_loss_without_bn_layers():
     loss = BNStatsLoss(net)
     net(torch.randn(2, 3, 8, 8))
     assert loss.layers == [] and loss.pop() is None
+
+
+def _moments(x):
+    return x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+
+
+def test_grouped_bn_statistics_are_each_groups_own_moments():
+    """PSM's targets: per BN layer, the input's mean and variance over the images of each group,
+    accumulated over batches; a group with no image falls back to the running statistics."""
+    net = nn.Sequential(nn.BatchNorm2d(2)).eval()
+    net[0].running_mean.fill_(7.0)
+    net[0].running_var.fill_(3.0)
+    torch.manual_seed(0)
+    xs = [torch.randn(6, 2, 4, 4) * (1 + i) + i for i in range(2)]
+    ids = [torch.tensor([0, 1, 0, 1, 1, 0]), torch.tensor([1, 1, 1, 0, 0, 1])]
+    [(mean, var)] = grouped_bn_statistics(net, zip(xs, ids), groups=3)
+    assert mean.shape == var.shape == (3, 2)
+    everything, groups = torch.cat(xs), torch.cat(ids)
+    for g in (0, 1):
+        want_mean, want_var = _moments(everything[groups == g])
+        torch.testing.assert_close(mean[g], want_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(var[g], want_var, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean[2], torch.full((2,), 7.0))
+    torch.testing.assert_close(var[2], torch.full((2,), 3.0))
+
+
+def test_grouped_bn_loss_matches_each_group_to_its_own_statistics():
+    net = nn.Sequential(nn.BatchNorm2d(2)).eval()
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(3, 2, 4, 4), torch.randn(1, 2, 4, 4) * 3 + 2])
+    ids = torch.tensor([0, 0, 0, 1])
+    own = [_moments(x[:3]), _moments(x[3:])]
+    loss = BNStatsLoss(net, first_weight=1.0)
+    loss.use_groups([(torch.stack([own[0][0], own[1][0]]), torch.stack([own[0][1], own[1][1]]))])
+    loss.set_groups(ids)
+    net(x)
+    assert loss.pop().item() < 1e-5  # every group sits on its own statistics
+    swapped = [(torch.stack([own[1][0], own[0][0]]), torch.stack([own[1][1], own[0][1]]))]
+    loss.use_groups(swapped)
+    net(x)
+
+    def distance(a, b):
+        return torch.linalg.vector_norm(a[0] - b[0]) + torch.linalg.vector_norm(a[1] - b[1])
+
+    want = 0.75 * distance(own[0], own[1]) + 0.25 * distance(own[1], own[0])  # weighted by the groups' shares
+    torch.testing.assert_close(loss.pop(), want)
+    loss.set_groups(None)  # back to the running statistics (the paper's loss)
+    net(x)
+    mean, var = _moments(x)
+    torch.testing.assert_close(loss.pop(), distance((mean, var), (net[0].running_mean, net[0].running_var)))
 
 
 def test_residual_merge_matches_the_formula():

@@ -370,3 +370,38 @@ def test_a_spread_pick_takes_patches_from_easy_to_hard(tiny_copy):
         select(cfg)
         _, _, manifest = load_set(Layout.of(cfg).stage("select"))
         assert [[p["score"] for p in e["patches"]][0] for e in manifest["images"]] == scores[same], method
+
+
+def test_difficulty_groups_match_each_image_to_real_images_as_hard_as_it(tiny_copy):
+    """recover.bn_groups (PSM): loss quantiles of real training images split them into groups with
+    their own BN statistics; each synthetic image is put in the group of its initialisation's loss,
+    the group sizes are in the metrics, and the recovered images differ from one global statistic."""
+    from fadrm.data.prepared import Prepared
+    from fadrm.distilled import load_set
+    from fadrm.stage import Layout
+    from fadrm.stages.select import select
+
+    from .conftest import tiny_config
+
+    cfg = tiny_config(tiny_copy.out_dir, "recover.bn_groups=3", "recover.iterations=3")
+    layout = Layout.of(cfg)
+    select(cfg)
+    init, labels, _ = load_set(layout.stage("select"))
+    data = Prepared(layout.stage("prepare"))
+    plan = recover_module.Recovery(cfg, layout, torch.device("cpu"), data, init, labels)
+    teacher = plan.teachers[0]
+    low, high = plan.thresholds[teacher.name].tolist()
+    assert 0 < low < high  # tertiles of the teacher's loss on real images
+    means = teacher.bn._targets[0][0]
+    assert means.shape[0] == 3 and not torch.allclose(means[0], means[2])  # easy and hard images differ
+    x = data.to_input(init, torch.device("cpu"))
+    losses = plan._losses(teacher, x, torch.from_numpy(labels))
+    ids = plan._groups_of(teacher, x, torch.from_numpy(labels))
+    assert ids.tolist() == [0 if v <= low else 1 if v <= high else 2 for v in losses.tolist()]
+    plan.close()
+    grouped = recover_module.recover(cfg)
+    assert grouped["bn_groups"] == 3 and sum(grouped["images_per_bn_group"][teacher.name]) == len(init)
+    images = load_set(layout.stage("recover"))[0]
+    plain = recover_module.recover(tiny_config(tiny_copy.out_dir, "recover.iterations=3"))
+    assert "images_per_bn_group" not in plain
+    assert not torch.equal(images, load_set(layout.stage("recover"))[0])

@@ -38,7 +38,7 @@ from fadrm.device import autocast, grad_scaler, resolve_device, resolve_precisio
 from fadrm.distilled import ANCHORS, grid_by_class, load_set, save_set, to_uint8
 from fadrm.efficiency import count_flops
 from fadrm.errors import ConfigError, DivergenceError, MissingInputError
-from fadrm.losses import BNStatsLoss
+from fadrm.losses import BNStatsLoss, grouped_bn_statistics
 from fadrm.methods import METHODS, MethodSpec
 from fadrm.models import create_model, has_batchnorm
 from fadrm.numerics import SATURATED, SATURATED_RISE, FiniteWatch, StepGuard, gradients, saturated_share
@@ -322,6 +322,7 @@ class Recovery:
                         "only loss; set ce_weight > 0 or drop that teacher"
                     )
         self.teachers = [Teacher(name, model, BNStatsLoss(model, self.rc.first_bn_weight)) for name, model in loaded]
+        self.thresholds: dict[str, torch.Tensor] = {}
         self.precision = "fp32" if self.spec.fp32 else resolve_precision(self.rc.precision, device)
         self.bounds = (data.normalize(torch.zeros(1, 3, 1, 1)), data.normalize(torch.ones(1, 3, 1, 1)))
         self.jitter = self.rc.jitter if self.rc.jitter is not None else default_jitter(data.resolution)
@@ -331,6 +332,46 @@ class Recovery:
         self.partial = layout.partial("recover") / stage_fingerprint("recover", cfg, layout)[:16]
         self.total_steps = sum(iters for _, iters in self.schedule)
         self.anchors = self._anchor_pool(layout) if self.rc.anchor == "nearest" and self.spec.merges else None
+        if self.rc.bn_groups > 1:
+            self._difficulty_groups()
+
+    # -- difficulty groups (PSM): BN statistics of real images as hard for the teacher as each image
+
+    @torch.no_grad()
+    def _losses(self, teacher: Teacher, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The teacher's cross-entropy per image (its BN hooks' terms are discarded)."""
+        with autocast(self.device, self.precision):
+            logits = teacher.model(x)
+        teacher.bn.pop()
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+
+    def _difficulty_groups(self) -> None:
+        """Per teacher: loss quantiles of a class-balanced sample of real training images, and each
+        BN layer's statistics per quantile group; every image then matches its own group's."""
+        train, groups = self.data.split("train"), self.rc.bn_groups
+        rng = np.random.default_rng([self.cfg.seed, 0x95D])
+        per_class = max(1, self.rc.bn_group_images // self.data.num_classes)
+        picked = [rng.permutation(train.class_indices(c))[:per_class] for c in range(self.data.num_classes)]
+        idx = np.sort(np.concatenate(picked))
+        chunks = [idx[s : s + 500] for s in range(0, len(idx), 500)]
+
+        def images(chunk: np.ndarray) -> torch.Tensor:
+            return self.data.to_input(train.load(chunk, self.data.resolution), self.device)
+
+        for teacher in self.teachers:
+            losses = torch.cat([self._losses(teacher, images(c), to_device(train.labels[c], self.device)) for c in chunks])
+            quantiles = torch.linspace(0, 1, groups + 1, device=losses.device)[1:-1]
+            thresholds = torch.quantile(losses, quantiles)
+            ids = torch.bucketize(losses, thresholds)
+            spans = np.cumsum([0] + [len(c) for c in chunks])
+            batches = ((images(c), ids[spans[i] : spans[i + 1]]) for i, c in enumerate(chunks))
+            with autocast(self.device, self.precision):
+                teacher.bn.use_groups(grouped_bn_statistics(teacher.model, batches, groups))
+            teacher.bn.pop()
+            self.thresholds[teacher.name] = thresholds
+
+    def _groups_of(self, teacher: Teacher, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return torch.bucketize(self._losses(teacher, x, targets), self.thresholds[teacher.name])
 
     def _anchor_pool(self, layout: Layout) -> torch.Tensor:
         path = layout.stage("select") / ANCHORS
@@ -384,9 +425,12 @@ class Recovery:
         start = time.perf_counter()
         idx = self.batches[b]
         names = [f"{self.data.classes[self.labels[i]]}#{i}" for i in idx]
+        x_init, targets = self.data.to_input(self.init[idx], self.device), to_device(self.labels[idx], self.device)
+        for teacher in self.teachers if self.thresholds else []:  # each image's group: by its initialisation
+            teacher.bn.set_groups(self._groups_of(teacher, x_init, targets))
         x, log = recover_batch(
-            self.data.to_input(self.init[idx], self.device),
-            to_device(self.labels[idx], self.device),
+            x_init,
+            targets,
             self.teachers,
             self.schedule,
             self.rc,
@@ -400,6 +444,8 @@ class Recovery:
             names=names,
             anchors=self.batch_anchors(idx),
         )
+        for teacher in self.teachers:
+            teacher.bn.set_groups(None)
         saved = {
             "images": to_uint8(self.data.denormalize(x)),
             "log": torch.tensor(log, dtype=torch.float64),
@@ -438,7 +484,21 @@ class Recovery:
             "teachers": [t.name for t in self.teachers],
             "batches": len(self.batches),
             "flops": flops * len(self.batches),
+            **self._group_stats(),
         }
+
+    def _group_stats(self) -> dict:
+        """How many of the images fall in each difficulty group, per teacher (PSM)."""
+        if not self.thresholds:
+            return {}
+        sizes = {}
+        for t in self.teachers:  # batch by batch: the whole set at once may not fit the device
+            ids = [
+                self._groups_of(t, self.data.to_input(self.init[b], self.device), to_device(self.labels[b], self.device))
+                for b in self.batches
+            ]
+            sizes[t.name] = torch.bincount(torch.cat(ids), minlength=self.rc.bn_groups).tolist()
+        return {"bn_groups": self.rc.bn_groups, "images_per_bn_group": sizes}
 
     def close(self) -> None:
         for teacher in self.teachers:
