@@ -323,6 +323,7 @@ class Recovery:
                     )
         self.teachers = [Teacher(name, model, BNStatsLoss(model, self.rc.first_bn_weight)) for name, model in loaded]
         self.thresholds: dict[str, torch.Tensor] = {}
+        self.group_sizes: dict[str, torch.Tensor] = {}  # images per difficulty group, per teacher (assemble)
         self.precision = "fp32" if self.spec.fp32 else resolve_precision(self.rc.precision, device)
         self.bounds = (data.normalize(torch.zeros(1, 3, 1, 1)), data.normalize(torch.ones(1, 3, 1, 1)))
         self.jitter = self.rc.jitter if self.rc.jitter is not None else default_jitter(data.resolution)
@@ -426,8 +427,11 @@ class Recovery:
         idx = self.batches[b]
         names = [f"{self.data.classes[self.labels[i]]}#{i}" for i in idx]
         x_init, targets = self.data.to_input(self.init[idx], self.device), to_device(self.labels[idx], self.device)
-        for teacher in self.teachers if self.thresholds else []:  # each image's group: by its initialisation
-            teacher.bn.set_groups(self._groups_of(teacher, x_init, targets))
+        groups = {}  # each image's group, per teacher: by its initialisation's loss (PSM)
+        if self.thresholds:
+            for teacher in self.teachers:
+                groups[teacher.name] = self._groups_of(teacher, x_init, targets)
+                teacher.bn.set_groups(groups[teacher.name])
         x, log = recover_batch(
             x_init,
             targets,
@@ -450,6 +454,7 @@ class Recovery:
             "images": to_uint8(self.data.denormalize(x)),
             "log": torch.tensor(log, dtype=torch.float64),
             "seconds": time.perf_counter() - start,
+            "groups": {name: ids.cpu() for name, ids in groups.items()},
         }
         tmp = self.batch_file(b).with_suffix(".tmp")
         torch.save(saved, tmp)
@@ -463,11 +468,15 @@ class Recovery:
         out = torch.empty_like(self.init)
         logs = []
         self.batch_seconds = {}
+        self.group_sizes = {}
         for b, idx in enumerate(self.batches):
             saved = torch.load(self.batch_file(b), weights_only=True)
             out[idx] = saved["images"]
             logs.append(saved["log"])
             self.batch_seconds[b] = float(saved.get("seconds", 0.0))
+            for name, ids in saved.get("groups", {}).items():
+                sizes = torch.bincount(ids, minlength=self.rc.bn_groups)
+                self.group_sizes[name] = self.group_sizes.get(name, 0) + sizes
         self.close()
         mean_log = torch.stack(logs).mean(0).tolist()  # the loss curve: mean over batches at every logged step
         rows = [{"step": int(step), "loss": loss, "ce": ce, "bn": bn} for step, loss, ce, bn in mean_log]
@@ -488,16 +497,10 @@ class Recovery:
         }
 
     def _group_stats(self) -> dict:
-        """How many of the images fall in each difficulty group, per teacher (PSM)."""
-        if not self.thresholds:
+        """How many of the images fell in each difficulty group, per teacher (PSM; read by ``assemble``)."""
+        if not self.group_sizes:
             return {}
-        sizes = {}
-        for t in self.teachers:  # batch by batch: the whole set at once may not fit the device
-            ids = [
-                self._groups_of(t, self.data.to_input(self.init[b], self.device), to_device(self.labels[b], self.device))
-                for b in self.batches
-            ]
-            sizes[t.name] = torch.bincount(torch.cat(ids), minlength=self.rc.bn_groups).tolist()
+        sizes = {name: counts.tolist() for name, counts in self.group_sizes.items()}
         return {"bn_groups": self.rc.bn_groups, "images_per_bn_group": sizes}
 
     def close(self) -> None:
