@@ -160,7 +160,7 @@ def _device() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}"
 
 
-def render(suite: Suite, results: dict, path: Path) -> Path:
+def render(name: str, suite: Suite, results: dict, path: Path) -> Path:
     columns = suite.methods
     lines = [
         f"# {suite.title}",
@@ -178,7 +178,10 @@ def render(suite: Suite, results: dict, path: Path) -> Path:
         "|---|" + "---|" * len(columns) + "---|---|",
     ]
     ref = {m: [r["top1"] for r in results.values() if r["variant"] == suite.reference and r["method"] == m] for m in columns}
+    measured = {r["variant"] for r in results.values()}
     for variant, overrides in suite.variants.items():
+        if variant not in measured:
+            continue
         cells, deltas = [], []
         for method in columns:
             values = [r["top1"] for r in results.values() if r["variant"] == variant and r["method"] == method]
@@ -187,6 +190,15 @@ def render(suite: Suite, results: dict, path: Path) -> Path:
                 deltas.append(statistics.mean(values) - statistics.mean(ref[method]))
         delta = f"{100 * statistics.mean(deltas):+.2f}" if deltas and variant != suite.reference else "-"
         lines.append(f"| {variant} | " + " | ".join(cells) + f" | {delta} | `{' '.join(overrides) or '-'}` |")
+    missing = [v for v in suite.variants if v not in measured]
+    if missing:
+        lines += [
+            "",
+            f"Not run yet (`python benchmarks/ablation.py {name} --teacher T --only NAME`): "
+            + "; ".join(missing)
+            + ". The grid measures such changes too, seed by seed against the plain cells: "
+            "`python benchmarks/grid.py run --variant NAME -S KEY=VALUE` (docs/benchmarks.md, \"Variants\").",
+        ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -235,7 +247,7 @@ def main() -> None:
                 results_file.parent.mkdir(parents=True, exist_ok=True)
                 results_file.write_text(json.dumps(args.results, indent=2) + "\n")
                 print(f"{key(record['variant'], record['method'], record['seed'])}: {100 * record['top1']:.2f}%", flush=True)
-    print(f"wrote {render(args.suite, args.results, report)}")
+    print(f"wrote {render(args.suite_name, args.suite, args.results, report)}")
 
 
 if __name__ == "__main__":
