@@ -128,6 +128,10 @@ def render(records_path: Path, md_path: Path, teachers: dict[str, dict]) -> Path
     teachers = {**teachers, **_teachers_of(records)}  # the runs' own teacher figures first: docs from the JSON alone
     rows = summarise(records, teachers)
     students = [s for s in STUDENT_NAMES if any(k[2] == s for k in rows)]
+    machines: dict[tuple, set] = {}  # (ipc, method) -> the devices its plain cells ran on
+    for r in records:
+        if not r.get("variant"):
+            machines.setdefault((r["ipc"], r["method"]), set()).add(r.get("device", "?"))
     lines = [
         "# Benchmarks",
         "",
@@ -151,8 +155,8 @@ def render(records_path: Path, md_path: Path, teachers: dict[str, dict]) -> Path
             "",
             "| method | "
             + " | ".join(f"{STUDENT_NAMES[s]} soft | {STUDENT_NAMES[s]} hard" for s in students)
-            + " | paper (ResNet-18) |",
-            "|---|" + "---|---|" * len(students) + "---|",
+            + " | paper (ResNet-18) | measured on |",
+            "|---|" + "---|---|" * len(students) + "---|---|",
         ]
         for method in METHODS:
             if not any((ipc, method, s) in rows for s in students):
@@ -162,7 +166,8 @@ def render(records_path: Path, md_path: Path, teachers: dict[str, dict]) -> Path
                 row = rows.get((ipc, method, s), {})
                 cells += [_cell(row.get("soft", [])), _cell(row.get("hard", []))]
             paper = PAPER.get(method, {}).get(ipc)
-            lines.append(f"| {method} | " + " | ".join(cells) + f" | {paper if paper is not None else '-'} |")
+            machine = ", ".join(sorted(machines.get((ipc, method), {"?"})))
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {paper if paper is not None else '-'} | {machine} |")
         lines += [
             "",
             f"DD-Ranking scores at IPC {ipc} (points; LRS in %):",

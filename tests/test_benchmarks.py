@@ -45,8 +45,20 @@ def test_report_shows_mean_std_and_n(tmp_path):
     path = tmp_path / "records.json"
     path.write_text(json.dumps([{**r, "device": "cpu", "command": "python benchmarks/grid.py run"} for r in _records()]))
     text = render(path, tmp_path / "benchmarks.md", {"convnet": {"top1": 0.82}}).read_text()
-    assert "| fadrm | 57.00 ± 1.41 (n=2) | 42.00 ± 2.83 (n=2) | 48.2 |" in text
+    assert "| fadrm | 57.00 ± 1.41 (n=2) | 42.00 ± 2.83 (n=2) | 48.2 | cpu |" in text
     assert "python benchmarks/grid.py run" in text and "IOR" in text
+
+
+def test_report_names_the_machines_of_each_row(tmp_path):
+    import json
+
+    records = [{**r, "device": "cpu x2" if r["seed"] else "NVIDIA H200"} for r in _records()]
+    records.append({**records[0], "method": "fadrm+", "device": "cpu x2"})
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(records))
+    text = render(path, tmp_path / "benchmarks.md", {}).read_text()
+    assert "| 48.2 | NVIDIA H200, cpu x2 |" in next(x for x in text.splitlines() if x.startswith("| fadrm |"))
+    assert next(x for x in text.splitlines() if x.startswith("| fadrm+ |")).endswith("| 55.9 | cpu x2 |")
 
 
 def test_over_random_is_paired_by_seed():
