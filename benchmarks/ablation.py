@@ -197,7 +197,7 @@ def render(name: str, suite: Suite, results: dict, path: Path) -> Path:
             f"Not run yet (`python benchmarks/ablation.py {name} --teacher T --only NAME`): "
             + "; ".join(missing)
             + ". The grid measures such changes too, seed by seed against the plain cells: "
-            "`python benchmarks/grid.py run --variant NAME -S KEY=VALUE` (docs/benchmarks.md, \"Variants\").",
+            '`python benchmarks/grid.py run --variant NAME -S KEY=VALUE` (docs/benchmarks.md, "Variants").',
         ]
     path.write_text("\n".join(lines) + "\n")
     return path
