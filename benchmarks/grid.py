@@ -4,6 +4,7 @@
     python benchmarks/grid.py run                            # every cell; finished cells are skipped
     python benchmarks/grid.py run --ipc 10 --seeds 0 1 2 --methods rded fadrm --students convnet
     python benchmarks/grid.py run --variant spread-pick -S select.pick=spread --ipc 10 --methods fadrm --students convnet
+    python benchmarks/grid.py run --variant psm4 -S recover.bn_groups=4 --baseline cpu ...  # against variant `cpu`
     python benchmarks/grid.py docs                           # re-render docs/benchmarks.md from the JSON
 
 Defaults: full CIFAR-10 from ../shared/data/cifar10-jpeg.tar.gz (`--data` names another tar or
@@ -138,6 +139,16 @@ def teachers_override(args, method: str) -> str:
 # ----------------------------------------------------------------------------- cells
 
 
+def _variant_fields(args) -> dict[str, Any]:
+    """What a variant's record carries: its name, its overrides and the cells it is compared with."""
+    if not args.variant:
+        return {}
+    fields = {"variant": args.variant, "overrides": args.set}
+    if getattr(args, "baseline", None):
+        fields["baseline"] = args.baseline
+    return fields
+
+
 def set_dir(args, method: str, ipc: int, seed: int) -> Path:
     root = args.out / "variants" / args.variant if args.variant else args.out
     return root / "sets" / f"{method}-ipc{ipc}-s{seed}"
@@ -196,7 +207,7 @@ def evaluate_set(args, method: str, ipc: int, seed: int, student: str, labels: s
         metrics = evaluate(cfg, tracker)
     made = read_json(src / "done.json")
     record = {
-        **({"variant": args.variant, "overrides": args.set} if args.variant else {}),
+        **_variant_fields(args),
         "method": method,
         "ipc": ipc,
         "seed": seed,
@@ -363,7 +374,15 @@ def main() -> None:
         help="name these cells' -S overrides: their sets live under OUT/variants/NAME and their records carry "
         "the name (a section of their own in docs/benchmarks.md, compared seed by seed with the plain cells)",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="VARIANT",
+        help="compare these variant cells with that variant's cells instead of the plain ones (e.g. cells of the "
+        "same machine: --variant cpu-psm4 --baseline cpu)",
+    )
     args = parser.parse_args()
+    if args.baseline and not args.variant:
+        parser.error("--baseline needs --variant: it names what a variant is compared with")
     args.command = "python benchmarks/grid.py " + shlex.join(sys.argv[1:])
     args.out = args.out.resolve()
     args.data = args.data.resolve()

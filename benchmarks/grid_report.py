@@ -94,6 +94,7 @@ def variant_rows(records: list[dict]) -> list[str]:
     """A table of the variant cells, each against the plain cell of the same seeds."""
     acc = _by_seed(records)
     overrides = {r["variant"]: r.get("overrides", []) for r in records if r.get("variant")}
+    baselines = {r["variant"]: r.get("baseline") or "" for r in records if r.get("variant")}
     keys = sorted(k for k in acc if k[0])
     if not keys:
         return []
@@ -101,14 +102,17 @@ def variant_rows(records: list[dict]) -> list[str]:
         "## Variants (one setting changed, same teacher and protocol)",
         "",
         "`python benchmarks/grid.py run --variant NAME -S KEY=VALUE ...`: the plain cell's set made again with the "
-        "overrides; the change is paired, seed by seed, against the plain cell (mean ± std of the differences).",
+        "overrides; the change is paired, seed by seed, against the plain cell (mean ± std of the differences), "
+        "or against another variant's cells where it names one (`--baseline`).",
         "",
-        "| variant | IPC | method | student | labels | top-1 (%) | plain, same seeds (%) | change (points) | overrides |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | IPC | method | student | labels | top-1 (%) | against | its top-1, same seeds (%) | change (points) "
+        "| overrides |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in keys:
         variant, ipc, method, student, labels = key
-        mine, plain = acc[key], acc.get(("", ipc, method, student, labels), {})
+        base = baselines.get(variant, "")
+        mine, plain = acc[key], acc.get((base, ipc, method, student, labels), {})
         common = sorted(mine.keys() & plain.keys())
         diffs = paired(mine, plain)
         change = "-"
@@ -118,7 +122,7 @@ def variant_rows(records: list[dict]) -> list[str]:
         ov = " ".join(overrides.get(variant, []))
         lines.append(
             f"| {variant} | {ipc} | {method} | {STUDENT_NAMES.get(student, student)} | {labels} | "
-            f"{_cell(list(mine.values()))} | {_cell([plain[s] for s in common])} | {change} | `{ov}` |"
+            f"{_cell(list(mine.values()))} | {base or 'plain'} | {_cell([plain[s] for s in common])} | {change} | `{ov}` |"
         )
     return [*lines, ""]
 

@@ -84,8 +84,27 @@ def test_variants_are_their_own_rows_paired_with_the_plain_cells(tmp_path):
     (tmp_path / "records.notes.md").write_text("What the figures say.\n")
     text = render(path, tmp_path / "benchmarks.md", {}).read_text()
     line = next(x for x in text.splitlines() if x.startswith("| step-0.05 |"))
-    assert "| 58.50 ± 2.12 (n=2) | 57.00 ± 1.41 (n=2) | +1.50 ± 0.71 (n=2) | `recover.lr=0.05` |" in line
+    assert "| 58.50 ± 2.12 (n=2) | plain | 57.00 ± 1.41 (n=2) | +1.50 ± 0.71 (n=2) | `recover.lr=0.05` |" in line
     assert "What the figures say." in text
+
+
+def test_a_variant_is_compared_with_the_baseline_it_names(tmp_path):
+    import json
+
+    def cells(variant, offset, **extra):
+        return [
+            {**r, "variant": variant, "top1": r["top1"] + offset + 0.01 * r["seed"], **extra}
+            for r in _records()
+            if r["method"] == "fadrm" and r["labels"] == "soft"
+        ]
+
+    records = [*_records(), *cells("cpu", -0.02, overrides=[]), *cells("psm4", 0.0, overrides=["x=1"], baseline="cpu")]
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(records))
+    text = render(path, tmp_path / "benchmarks.md", {}).read_text()
+    line = next(x for x in text.splitlines() if x.startswith("| psm4 |"))
+    # psm4 (56, 59) against cpu (54, 57): +2 on both seeds (against the plain cells, 56 and 58: +0.5 ± 0.71)
+    assert "| cpu | 55.50 ± 2.12 (n=2) | +2.00 ± 0.00 (n=2) | `x=1` |" in line
 
 
 @pytest.mark.slow
@@ -123,3 +142,18 @@ def test_grid_records_plain_and_variant_cells_and_skips_them_on_a_rerun(tmp_path
     stage = json.loads((tmp_path / "grid/variants/a07/sets/fadrm-ipc1-s0/recover/stage.json").read_text())
     assert '"alpha": 0.7' in json.dumps(stage)
     assert "| a07 | 1 | fadrm |" in (tmp_path / "b.md").read_text()
+
+
+def test_grid_records_carry_the_baseline_a_variant_names():
+    import argparse
+    import subprocess
+
+    from grid import _variant_fields
+
+    args = argparse.Namespace(variant="psm4", set=["recover.bn_groups=4"], baseline="cpu")
+    assert _variant_fields(args) == {"variant": "psm4", "overrides": ["recover.bn_groups=4"], "baseline": "cpu"}
+    assert "baseline" not in _variant_fields(argparse.Namespace(variant="cpu", set=[], baseline=None))
+    assert _variant_fields(argparse.Namespace(variant=None, set=[], baseline=None)) == {}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "benchmarks/grid.py", "run", "--baseline", "cpu"], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 2 and "--baseline needs --variant" in done.stderr
