@@ -23,6 +23,7 @@ from pathlib import Path
 
 METHODS = ("random", "rded", "sre2l", "fadrm", "fadrm+")
 STUDENT_NAMES = {"convnet": "ConvNet-64", "resnet18": "ResNet-18"}
+ARCH_NAMES = {**STUDENT_NAMES, "resnet20": "ResNet-20"}
 # Published CIFAR-10 figures (top-1 %, ResNet-18 student) from the PSM paper's table (FADRM.md):
 # GPU, ResNet-18 teachers trained to ~95%, longer student training; not this protocol.
 PAPER = {"rded": {1: 22.9, 10: 37.1, 50: 62.1}, "fadrm": {1: 19.3, 10: 48.2, 50: 80.6}, "fadrm+": {1: 23.7, 10: 55.9, 50: 85.8}}
@@ -149,7 +150,7 @@ def render(records_path: Path, md_path: Path, teachers: dict[str, dict]) -> Path
     if teachers:
         lines += [
             "Teachers (full training split, hard labels with smoothing 0.1, `fadrm squeeze`): "
-            + ", ".join(f"{STUDENT_NAMES.get(a, a)} {100 * t['top1']:.2f}%" for a, t in teachers.items())
+            + ", ".join(f"{ARCH_NAMES.get(a, a)} {100 * t['top1']:.2f}%" for a, t in teachers.items())
             + ".",
             "",
         ]
