@@ -120,10 +120,10 @@ def variant_rows(records: list[dict]) -> list[str]:
         if diffs:
             mean, std, n = _stats(diffs)
             change = f"{100 * mean:+.2f} ± {100 * std:.2f} (n={n})"
-        ov = " ".join(overrides.get(variant, []))
+        ov = f"`{' '.join(overrides[variant])}`" if overrides.get(variant) else "none"
         lines.append(
             f"| {variant} | {ipc} | {method} | {STUDENT_NAMES.get(student, student)} | {labels} | "
-            f"{_cell(list(mine.values()))} | {base or 'plain'} | {_cell([plain[s] for s in common])} | {change} | `{ov}` |"
+            f"{_cell(list(mine.values()))} | {base or 'plain'} | {_cell([plain[s] for s in common])} | {change} | {ov} |"
         )
     return [*lines, ""]
 
