@@ -144,7 +144,7 @@ def _variant_fields(args) -> dict[str, Any]:
     if not args.variant:
         return {}
     fields = {"variant": args.variant, "overrides": args.set}
-    if getattr(args, "baseline", None):
+    if args.baseline:
         fields["baseline"] = args.baseline
     return fields
 
