@@ -159,6 +159,12 @@ class RecoverConfig(Section):
         description="difficulty groups (PSM): each image matches the BN statistics of real images as hard for the "
         "teacher as its initialisation (quantiles of the teacher's loss); 1: the running statistics (FADRM)",
     )
+    bn_group_by: Literal["loss", "rank"] = Field(
+        "loss",
+        description="how an image finds its difficulty group: `loss`, where its initialisation's loss falls among the "
+        "real images' quantiles (a set of uniformly easy patches all lands in the easiest group); `rank`, its rank "
+        "among the images recovered with it, in equal shares (easiest fifth of the batch -> easiest fifth's statistics)",
+    )
     bn_group_images: int = Field(20000, ge=1, description="real training images (class-balanced sample) behind the groups")
     batch_size: int = Field(100, ge=1)
     jitter: int | None = Field(None, ge=0, description="circular shift; None: 4 below 128 px, else 32")

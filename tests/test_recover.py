@@ -372,10 +372,8 @@ def test_a_spread_pick_takes_patches_from_easy_to_hard(tiny_copy):
         assert [[p["score"] for p in e["patches"]][0] for e in manifest["images"]] == scores[same], method
 
 
-def test_difficulty_groups_match_each_image_to_real_images_as_hard_as_it(tiny_copy):
-    """recover.bn_groups (PSM): loss quantiles of real training images split them into groups with
-    their own BN statistics; each synthetic image is put in the group of its initialisation's loss,
-    the group sizes are in the metrics, and the recovered images differ from one global statistic."""
+def _grouped_plan(tiny_copy, *overrides):
+    """select on the tiny dataset, then a recovery plan (difficulty groups prepared) over its set."""
     from fadrm.data.prepared import Prepared
     from fadrm.distilled import load_set
     from fadrm.stage import Layout
@@ -383,12 +381,25 @@ def test_difficulty_groups_match_each_image_to_real_images_as_hard_as_it(tiny_co
 
     from .conftest import tiny_config
 
-    cfg = tiny_config(tiny_copy.out_dir, "recover.bn_groups=3", "recover.iterations=3")
+    cfg = tiny_config(tiny_copy.out_dir, *overrides, "recover.iterations=3")
     layout = Layout.of(cfg)
     select(cfg)
     init, labels, _ = load_set(layout.stage("select"))
-    data = Prepared(layout.stage("prepare"))
-    plan = recover_module.Recovery(cfg, layout, torch.device("cpu"), data, init, labels)
+    plan = recover_module.Recovery(cfg, layout, torch.device("cpu"), Prepared(layout.stage("prepare")), init, labels)
+    return cfg, plan, init, labels
+
+
+def test_difficulty_groups_match_each_image_to_real_images_as_hard_as_it(tiny_copy):
+    """recover.bn_groups (PSM): loss quantiles of real training images split them into groups with
+    their own BN statistics; each synthetic image is put in the group of its initialisation's loss,
+    the group sizes are in the metrics, and the recovered images differ from one global statistic."""
+    from fadrm.distilled import load_set
+    from fadrm.stage import Layout
+
+    from .conftest import tiny_config
+
+    cfg, plan, init, labels = _grouped_plan(tiny_copy, "recover.bn_groups=3")
+    layout, data = Layout.of(cfg), plan.data
     teacher = plan.teachers[0]
     low, high = plan.thresholds[teacher.name].tolist()
     assert 0 < low < high  # tertiles of the teacher's loss on real images
@@ -405,3 +416,23 @@ def test_difficulty_groups_match_each_image_to_real_images_as_hard_as_it(tiny_co
     plain = recover_module.recover(tiny_config(tiny_copy.out_dir, "recover.iterations=3"))
     assert "images_per_bn_group" not in plain
     assert not torch.equal(images, load_set(layout.stage("recover"))[0])
+
+
+def test_rank_groups_split_a_batch_into_equal_shares_by_loss():
+    losses = torch.tensor([0.5, 0.1, 0.9, 0.3, 0.2, 0.8, 0.7, 0.4])
+    assert recover_module.rank_groups(losses, 4).tolist() == [2, 0, 3, 1, 0, 3, 2, 1]
+    assert recover_module.rank_groups(losses, 1).tolist() == [0] * 8
+
+
+def test_rank_grouping_spreads_uniformly_easy_images_over_the_groups(tiny_copy):
+    """recover.bn_group_by=rank: a set whose images all sit below the real images' first quantile
+    (RDED's top pick on a strong teacher) still uses every group's statistics, in equal shares."""
+    _, plan, init, labels = _grouped_plan(tiny_copy, "recover.bn_groups=2", "recover.bn_group_by=rank")
+    teacher = plan.teachers[0]
+    x, y = plan.data.to_input(init, torch.device("cpu")), torch.from_numpy(labels)
+    losses = plan._losses(teacher, x, y)
+    plan.thresholds[teacher.name] = torch.tensor([losses.max().item() + 1.0])  # every image "easier" than the median
+    ids = plan._groups_of(teacher, x, y)
+    plan.close()
+    assert torch.bincount(ids, minlength=2).tolist() == [len(x) // 2, len(x) - len(x) // 2]
+    assert (losses[ids == 0].max() <= losses[ids == 1].min()).item()  # the easier half is group 0

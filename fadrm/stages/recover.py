@@ -175,6 +175,13 @@ def nearest_anchor(x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     return anchors[torch.arange(b, device=anchors.device), nearest]
 
 
+def rank_groups(losses: torch.Tensor, groups: int) -> torch.Tensor:
+    """Each image's group by its loss rank among ``losses``: ``groups`` equal shares, easiest first."""
+    ranks = torch.empty_like(losses, dtype=torch.long)
+    ranks[torch.argsort(losses, stable=True)] = torch.arange(len(losses), device=losses.device)
+    return ranks * groups // len(losses)
+
+
 def resolve_schedule(rc: RecoverConfig, resolution: int, spec: MethodSpec) -> Schedule:
     schedule = tuple(tuple(p) for p in rc.schedule) if rc.schedule else default_schedule(resolution, rc.iterations)
     if schedule[-1][0] != resolution:
@@ -372,7 +379,10 @@ class Recovery:
             self.thresholds[teacher.name] = thresholds
 
     def _groups_of(self, teacher: Teacher, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return torch.bucketize(self._losses(teacher, x, targets), self.thresholds[teacher.name])
+        losses = self._losses(teacher, x, targets)
+        if self.rc.bn_group_by == "loss":
+            return torch.bucketize(losses, self.thresholds[teacher.name])
+        return rank_groups(losses, self.rc.bn_groups)
 
     def _anchor_pool(self, layout: Layout) -> torch.Tensor:
         path = layout.stage("select") / ANCHORS
