@@ -1,11 +1,11 @@
 """A bare reference evaluator, outside the pipeline, to find where our protocol loses points.
 
     python benchmarks/bare_protocol.py --prepared DIR --teacher T.safetensors --pick random rded --seeds 0 1
-    python benchmarks/bare_protocol.py ... --set fadrm-s0=outputs/.../recover      # any saved set
+    python benchmarks/bare_protocol.py ... --seeds 0 --set fadrm=outputs/.../fadrm-ipc10-s0/recover  # a saved set
     python benchmarks/bare_protocol.py doc                                         # re-render the table
 
 Issue 11 quotes a ~180-line script that scored every method 1-3 points above `fadrm evaluate`
-at CIFAR-10 IPC 10. This is such a script, written here from its description (docs/FADRM.md's
+at CIFAR-10 IPC 10. This is such a script, written here from its description (the method notes'
 "minimal CPU-scale reproduction"): its own selection of random real images and of RDED patches,
 and its own student loop — fresh torchvision views every epoch (random-resized crop at scale
 (0.25, 1), flip), one CutMix box per batch, soft labels from the live teacher, KL at tau 4,
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -146,7 +147,8 @@ def save(results: dict, path: Path) -> None:
     path.write_text(json.dumps(sorted(results.values(), key=lambda r: (r["set"], r["seed"])), indent=1) + "\n")
 
 
-def render(results: dict, path: Path) -> None:
+def render(results: dict, path: Path, notes: Path | None = None) -> None:
+    """The table; ``notes`` (Markdown written by hand: what the figures say), when it exists, goes under it."""
     groups: dict[str, list[dict]] = {}
     for r in results.values():
         groups.setdefault(r["set"], []).append(r)
@@ -158,8 +160,12 @@ def render(results: dict, path: Path) -> None:
         ours = [r.get("pipeline_top1") for r in cells]
         ours_text = " / ".join(f"{100 * t:.2f}" for t in ours) if all(t is not None for t in ours) else "-"
         sd = f" ± {statistics.stdev(top):.2f}" if len(top) > 1 else ""
+        sources = sorted({r["selection"] for r in cells})
+        source = sources[0] if len(sources) == 1 else f"{os.path.commonpath(sources)}/… ({len(sources)} sets)"
+        known = cells[0].get("teacher_top1")
+        teacher = f"`{Path(cells[0]['teacher']).name}`" + (f" ({100 * known:.1f}%)" if known else "")
         rows.append(
-            f"| {name} | {cells[0]['selection']} | {' / '.join(f'{t:.2f}' for t in top)} | {statistics.mean(top):.2f}{sd} "
+            f"| {name} | {teacher} | {source} | {' / '.join(f'{t:.2f}' for t in top)} | {statistics.mean(top):.2f}{sd} "
             f"| {len(top)} "
             f"| {best} | {ours_text} | {round(statistics.mean(r['wall_s'] for r in cells))} |"
         )
@@ -172,13 +178,15 @@ def render(results: dict, path: Path) -> None:
         "tests every 50 epochs (not what the pipeline's tables report). A `set` named `pipeline:` is a set the pipeline made, "
         "evaluated here; `bare:` sets are selected by this script.",
         "",
-        f"Machine: {first.get('machine', '-')}; teacher: `{first.get('teacher', '-')}`; command: `{first.get('command', '-')}`.",
+        f"Machine: {first.get('machine', '-')}; each cell's command is in its record.",
         "",
-        "| set | selection | top-1 per seed | mean ± std | n | best per seed | `fadrm evaluate` on the same set | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| set | teacher | selection | top-1 per seed | mean ± std | n | best per seed | `fadrm evaluate` on the same set | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]
+    if notes is not None and notes.is_file():
+        text += [notes.read_text().strip(), ""]
     path.write_text("\n".join(text))
 
 
@@ -198,21 +206,26 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.001)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--tau", type=float, default=4.0)
+    parser.add_argument("--tag", default="", help="appended to the set names (e.g. another teacher's cells)")
     parser.add_argument("--records", type=Path, default=RESULTS, help="the cells (JSON); a rerun skips those in it")
     parser.add_argument("--report", type=Path, default=DOC, help="the table (Markdown)")
     args = parser.parse_args()
     results = {f"{r['set']}|{r['seed']}": r for r in json.loads(args.records.read_text())} if args.records.is_file() else {}
     if args.action == "doc":
-        render(results, args.report)
+        render(results, args.report, args.records.with_suffix(".notes.md"))
         return
     if args.prepared is None or args.teacher is None:
         parser.error("run needs --prepared and --teacher")
+    if not (args.prepared / "train_images.npy").is_file():
+        parser.error(f"{args.prepared}: not a prepared dataset with cached images (`fadrm prepare` with data.cache: on)")
     from fadrm.distilled import load_set
     from fadrm.models import create_model
     from fadrm.weights import load_weights
 
     arrays, mean, std, classes = load_data(args.prepared)
     teacher = load_weights(create_model("convnet", classes, arrays["train"][0].shape[1]), args.teacher).eval()
+    card = args.teacher.with_suffix(".json")
+    teacher_top1 = json.loads(card.read_text()).get("top1") if card.is_file() else None
 
     def normalize(x):
         return (x - mean) / std
@@ -221,10 +234,12 @@ def main() -> None:
         f"IPC {args.ipc}, {args.epochs} epochs, batch {args.batch}, views crop ({args.crop}, 1) + flip, one CutMix box per batch, "
         f"live teacher, KL at tau {args.tau:g}, AdamW lr {args.lr:g} decay {args.weight_decay:g} on weights, cosine per step to 0"
     )
-    jobs = [(f"bare:{p}", p, None) for p in args.pick] + [(n, "pipeline", Path(d)) for n, d in (s.split("=", 1) for s in args.set)]
+    tag = f"@{args.tag}" if args.tag else ""
+    jobs = [(f"bare:{p}{tag}", p, None) for p in args.pick]
+    jobs += [(f"pipeline:{n}{tag}", "pipeline", Path(d)) for n, d in (s.split("=", 1) for s in args.set)]
     for name, selection, folder in jobs:
         for seed in args.seeds:
-            key = f"{name if folder is None else 'pipeline:' + name}|{seed}"
+            key = f"{name}|{seed}"
             if key in results:
                 continue
             start = time.time()
@@ -237,9 +252,8 @@ def main() -> None:
             cell = train_student(images, classes, teacher, normalize, arrays["test"], seed, args)
             if folder is not None:
                 cell["pipeline_top1"] = pipeline_top1(folder)
-            setname = name if folder is None else f"pipeline:{name}"
             results[key] = {
-                "set": setname,
+                "set": name,
                 "selection": selection if folder is None else str(folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder),
                 "seed": seed,
                 "ipc": args.ipc,
@@ -249,15 +263,16 @@ def main() -> None:
                 "protocol": protocol,
                 "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
                 "teacher": str(args.teacher),
+                "teacher_top1": teacher_top1,
                 "command": "python benchmarks/bare_protocol.py " + " ".join(sys.argv[1:]),
             }
             took = time.time() - start
             print(
-                f"{setname} seed {seed}: top1 {100 * cell['top1']:.2f} (best {100 * cell['best_top1']:.2f}) in {took:.0f} s",
+                f"{name} seed {seed}: top1 {100 * cell['top1']:.2f} (best {100 * cell['best_top1']:.2f}) in {took:.0f} s",
                 flush=True,
             )
             save(results, args.records)
-            render(results, args.report)
+            render(results, args.report, args.records.with_suffix(".notes.md"))
 
 
 if __name__ == "__main__":

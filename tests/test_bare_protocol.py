@@ -67,7 +67,7 @@ def test_a_run_records_each_cell_once_and_writes_the_table(tmp_path, monkeypatch
         np.save(prepared / f"{split}_labels.npy", np.arange(n) % 2)
     (prepared / "manifest.json").write_text(json.dumps({"classes": ["a", "b"], "mean": [MEAN] * 3, "std": [STD] * 3}))
     teacher = tmp_path / "teacher.safetensors"
-    save_weights(create_model("convnet", 2, 32), teacher, {"arch": "convnet"})
+    save_weights(create_model("convnet", 2, 32), teacher, {"arch": "convnet", "top1": 0.5})
     records, report = tmp_path / "cells.json", tmp_path / "table.md"
     argv = ["bare_protocol.py", "--prepared", str(prepared), "--teacher", str(teacher), "--pick", "random", "rded"]
     argv += ["--ipc", "2", "--candidates", "10", "--seeds", "0", "--epochs", "1", "--records", str(records), "--report", str(report)]
@@ -76,7 +76,12 @@ def test_a_run_records_each_cell_once_and_writes_the_table(tmp_path, monkeypatch
     cells = json.loads(records.read_text())
     assert sorted(c["set"] for c in cells) == ["bare:random", "bare:rded"]
     assert all(0.0 <= c["top1"] <= 1.0 and len(c["curve"]) == 1 for c in cells)  # one epoch, tested once
-    assert "| bare:rded | rded |" in report.read_text()
+    assert "| bare:rded | `teacher.safetensors` (50.0%) | rded |" in report.read_text()
     before = records.stat().st_mtime_ns
     bare_protocol.main()  # a rerun finds both cells done
     assert records.stat().st_mtime_ns == before
+    records.with_suffix(".notes.md").write_text("What the figures say.\n")
+    monkeypatch.setattr(sys, "argv", ["bare_protocol.py", "doc", "--records", str(records), "--report", str(report)])
+    bare_protocol.main()  # re-rendered from the records, the hand-written notes under the table
+    text = report.read_text()
+    assert "| bare:random |" in text and text.rstrip().endswith("What the figures say.")
