@@ -40,16 +40,6 @@ RESULTS = ROOT / "docs" / "benchmarks" / "bare-protocol.json"
 DOC = ROOT / "docs" / "bare-protocol.md"
 
 
-def load_data(prepared: Path):
-    manifest = json.loads((prepared / "manifest.json").read_text())
-    arrays = {
-        s: (np.load(prepared / f"{s}_images.npy", mmap_mode="r"), np.load(prepared / f"{s}_labels.npy")) for s in ("train", "test")
-    }
-    mean = torch.tensor(manifest["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(manifest["std"]).view(1, 3, 1, 1)
-    return arrays, mean, std, len(manifest["classes"])
-
-
 def to_chw(nhwc) -> torch.Tensor:
     return torch.from_numpy(np.array(nhwc)).permute(0, 3, 1, 2).contiguous()
 
@@ -95,23 +85,14 @@ def cutmix(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return mixed
 
 
-@torch.no_grad()
-def test_top1(model, test, normalize) -> float:
-    model.eval()
-    images, labels = test
-    correct = 0
-    for start in range(0, len(labels), 1000):
-        x = normalize(to_chw(images[start : start + 1000]).float() / 255)
-        correct += int((model(x).argmax(1).numpy() == labels[start : start + 1000]).sum())
-    return correct / len(labels)
-
-
-def train_student(images_u8, classes, teacher, normalize, test, seed, args) -> dict:
+def train_student(images_u8, data, teacher, seed, args) -> dict:
+    """A ConvNet-64 student trained on ``images_u8`` against ``teacher``, tested on ``data``'s test split."""
+    from fadrm.engine import accuracy
     from fadrm.models import create_model
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    student = create_model("convnet", classes, images_u8.shape[-1])
+    student = create_model("convnet", data.num_classes, images_u8.shape[-1])
     decay = [p for p in student.parameters() if p.ndim > 1]
     rest = [p for p in student.parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=args.lr)
@@ -123,7 +104,7 @@ def train_student(images_u8, classes, teacher, normalize, test, seed, args) -> d
     for epoch in range(args.epochs):
         student.train()
         for idx in torch.randperm(n, generator=gen).split(args.batch):
-            x = normalize(cutmix(torch.stack([view(img) for img in images_u8[idx]]).float() / 255, gen))
+            x = data.normalize(cutmix(torch.stack([view(img) for img in images_u8[idx]]).float() / 255, gen))
             with torch.no_grad():
                 target = F.log_softmax(teacher(x) / args.tau, dim=1)
             loss = F.kl_div(F.log_softmax(student(x) / args.tau, dim=1), target, reduction="batchmean", log_target=True)
@@ -132,7 +113,7 @@ def train_student(images_u8, classes, teacher, normalize, test, seed, args) -> d
             opt.step()
             sched.step()
         if (epoch + 1) % 50 == 0 or epoch + 1 == args.epochs:
-            curve.append((epoch + 1, test_top1(student, test, normalize)))
+            curve.append((epoch + 1, accuracy(student, data.test_batches(1000, torch.device("cpu")))[0]))
     return {"top1": curve[-1][1], "best_top1": max(t for _, t in curve), "curve": curve}
 
 
@@ -216,19 +197,22 @@ def main() -> None:
         return
     if args.prepared is None or args.teacher is None:
         parser.error("run needs --prepared and --teacher")
-    if not (args.prepared / "train_images.npy").is_file():
-        parser.error(f"{args.prepared}: not a prepared dataset with cached images (`fadrm prepare` with data.cache: on)")
+    from fadrm.data.prepared import Prepared
     from fadrm.distilled import load_set
+    from fadrm.errors import DataError
     from fadrm.models import create_model
-    from fadrm.weights import load_weights
+    from fadrm.weights import load_weights, read_card
 
-    arrays, mean, std, classes = load_data(args.prepared)
-    teacher = load_weights(create_model("convnet", classes, arrays["train"][0].shape[1]), args.teacher).eval()
-    card = args.teacher.with_suffix(".json")
-    teacher_top1 = json.loads(card.read_text()).get("top1") if card.is_file() else None
-
-    def normalize(x):
-        return (x - mean) / std
+    try:
+        data = Prepared(args.prepared)
+    except DataError as exc:
+        parser.error(str(exc))
+    if not data.cached:
+        parser.error(f"{args.prepared}: not a prepared dataset with cached images (`fadrm prepare` with data.cache: on)")
+    split = data.split("train")
+    train = (split.images, split.labels)
+    teacher = load_weights(create_model("convnet", data.num_classes, data.resolution), args.teacher).eval()
+    teacher_top1 = read_card(args.teacher).get("top1") if args.teacher.with_suffix(".json").is_file() else None
 
     protocol = (
         f"IPC {args.ipc}, {args.epochs} epochs, batch {args.batch}, views crop ({args.crop}, 1) + flip, one CutMix box per batch, "
@@ -246,10 +230,10 @@ def main() -> None:
             if folder is not None:  # the seed is the student's (and its views')
                 images, _, _ = load_set(folder)
             elif selection == "random":
-                images, _ = pick_random(arrays["train"], args.ipc, classes, seed)
+                images, _ = pick_random(train, args.ipc, data.num_classes, seed)
             else:
-                images, _ = pick_rded(arrays["train"], args.ipc, classes, seed, teacher, normalize, args.candidates)
-            cell = train_student(images, classes, teacher, normalize, arrays["test"], seed, args)
+                images, _ = pick_rded(train, args.ipc, data.num_classes, seed, teacher, data.normalize, args.candidates)
+            cell = train_student(images, data, teacher, seed, args)
             if folder is not None:
                 cell["pipeline_top1"] = pipeline_top1(folder)
             results[key] = {

@@ -163,7 +163,7 @@ class RecoverConfig(Section):
         "loss",
         description="how an image finds its difficulty group: `loss`, where its initialisation's loss falls among the "
         "real images' quantiles (a set of uniformly easy patches all lands in the easiest group); `rank`, its rank "
-        "among the images recovered with it, in equal shares (easiest fifth of the batch -> easiest fifth's statistics)",
+        "among the images recovered with it, in equal shares (the batch's easiest quarter -> the easiest quarter's statistics)",
     )
     bn_group_images: int = Field(20000, ge=1, description="real training images (class-balanced sample) behind the groups")
     batch_size: int = Field(100, ge=1)

@@ -65,7 +65,9 @@ def test_a_run_records_each_cell_once_and_writes_the_table(tmp_path, monkeypatch
     for split, n in (("train", 40), ("test", 20)):
         np.save(prepared / f"{split}_images.npy", rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
         np.save(prepared / f"{split}_labels.npy", np.arange(n) % 2)
-    (prepared / "manifest.json").write_text(json.dumps({"classes": ["a", "b"], "mean": [MEAN] * 3, "std": [STD] * 3}))
+    manifest = {"classes": ["a", "b"], "resolution": 32, "cached": True, "dataset_hash": "test", "mean": [MEAN] * 3, "std": [STD] * 3}
+    (prepared / "manifest.json").write_text(json.dumps(manifest))
+    (prepared / "files.tsv").write_text("split\tpath\n")
     teacher = tmp_path / "teacher.safetensors"
     save_weights(create_model("convnet", 2, 32), teacher, {"arch": "convnet", "top1": 0.5})
     records, report = tmp_path / "cells.json", tmp_path / "table.md"
