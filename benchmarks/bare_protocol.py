@@ -52,9 +52,10 @@ def pick_random(train, ipc: int, classes: int, seed: int) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def pick_rded(train, ipc: int, classes: int, seed: int, teacher, normalize, candidates=300, crops=5):
+def pick_rded(train, ipc: int, classes: int, seed: int, teacher, normalize, candidates=300, crops=5, device="cpu"):
     """Per class: ``candidates`` images, ``crops`` square random-resized crops each (scale 0.08-1);
-    keep each image's crop with the lowest teacher cross-entropy, then the ``ipc`` lowest overall."""
+    keep each image's crop with the lowest teacher cross-entropy (scored on ``device``), then the
+    ``ipc`` lowest overall. The crops are drawn on the CPU, so the pick does not depend on the device."""
     images, labels = train
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -64,7 +65,8 @@ def pick_rded(train, ipc: int, classes: int, seed: int, teacher, normalize, cand
         idx = np.sort(rng.choice(np.flatnonzero(labels == c), candidates, replace=False))
         src = to_chw(images[idx])
         views = torch.stack([crop(img) for img in src for _ in range(crops)])  # image-major
-        ce = F.cross_entropy(teacher(normalize(views.float() / 255)), torch.full((len(views),), c), reduction="none")
+        logits = teacher(normalize(views.to(device).float() / 255)).float().cpu()
+        ce = F.cross_entropy(logits, torch.full((len(views),), c), reduction="none")
         best_ce, best_k = ce.view(candidates, crops).min(dim=1)
         keep = torch.argsort(best_ce)[:ipc]
         out_x.append(views.view(candidates, crops, *views.shape[1:])[keep, best_k[keep]])
@@ -86,13 +88,16 @@ def cutmix(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def train_student(images_u8, data, teacher, seed, args) -> dict:
-    """A ConvNet-64 student trained on ``images_u8`` against ``teacher``, tested on ``data``'s test split."""
+    """A ConvNet-64 student trained on ``images_u8`` against ``teacher`` (both on ``args.device``), tested
+    on ``data``'s test split. Views and CutMix boxes are drawn on the device; their order from CPU generators."""
     from fadrm.engine import accuracy
     from fadrm.models import create_model
 
+    device = torch.device(args.device)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    student = create_model("convnet", data.num_classes, images_u8.shape[-1])
+    images_u8 = images_u8.to(device)
+    student = create_model("convnet", data.num_classes, images_u8.shape[-1]).to(device)
     decay = [p for p in student.parameters() if p.ndim > 1]
     rest = [p for p in student.parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=args.lr)
@@ -113,8 +118,13 @@ def train_student(images_u8, data, teacher, seed, args) -> dict:
             opt.step()
             sched.step()
         if (epoch + 1) % 50 == 0 or epoch + 1 == args.epochs:
-            curve.append((epoch + 1, accuracy(student, data.test_batches(1000, torch.device("cpu")))[0]))
+            curve.append((epoch + 1, accuracy(student, data.test_batches(1000, device))[0]))
     return {"top1": curve[-1][1], "best_top1": max(t for _, t in curve), "curve": curve}
+
+
+def _machine(device: torch.device) -> str:
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()}, {torch.get_num_threads()} threads"
+    return f"{where}, torch {torch.__version__}"
 
 
 def pipeline_top1(folder: Path) -> float | None:
@@ -187,6 +197,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.001)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--tau", type=float, default=4.0)
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N")
     parser.add_argument("--tag", default="", help="appended to the set names (e.g. another teacher's cells)")
     parser.add_argument("--records", type=Path, default=RESULTS, help="the cells (JSON); a rerun skips those in it")
     parser.add_argument("--report", type=Path, default=DOC, help="the table (Markdown)")
@@ -198,20 +209,23 @@ def main() -> None:
     if args.prepared is None or args.teacher is None:
         parser.error("run needs --prepared and --teacher")
     from fadrm.data.prepared import Prepared
+    from fadrm.device import resolve_device
     from fadrm.distilled import load_set
-    from fadrm.errors import DataError
+    from fadrm.errors import ConfigError, DataError
     from fadrm.models import create_model
     from fadrm.weights import load_weights, read_card
 
     try:
         data = Prepared(args.prepared)
-    except DataError as exc:
+        device = resolve_device(args.device)
+    except (ConfigError, DataError) as exc:
         parser.error(str(exc))
+    args.device = str(device)
     if not data.cached:
         parser.error(f"{args.prepared}: not a prepared dataset with cached images (`fadrm prepare` with data.cache: on)")
     split = data.split("train")
     train = (split.images, split.labels)
-    teacher = load_weights(create_model("convnet", data.num_classes, data.resolution), args.teacher).eval()
+    teacher = load_weights(create_model("convnet", data.num_classes, data.resolution), args.teacher).to(device).eval()
     teacher_top1 = read_card(args.teacher).get("top1") if args.teacher.with_suffix(".json").is_file() else None
 
     protocol = (
@@ -232,7 +246,7 @@ def main() -> None:
             elif selection == "random":
                 images, _ = pick_random(train, args.ipc, data.num_classes, seed)
             else:
-                images, _ = pick_rded(train, args.ipc, data.num_classes, seed, teacher, data.normalize, args.candidates)
+                images, _ = pick_rded(train, args.ipc, data.num_classes, seed, teacher, data.normalize, args.candidates, device=device)
             cell = train_student(images, data, teacher, seed, args)
             if folder is not None:
                 cell["pipeline_top1"] = pipeline_top1(folder)
@@ -245,7 +259,7 @@ def main() -> None:
                 **cell,
                 "wall_s": round(time.time() - start, 1),
                 "protocol": protocol,
-                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+                "machine": _machine(device),
                 "teacher": str(args.teacher),
                 "teacher_top1": teacher_top1,
                 "command": "python benchmarks/bare_protocol.py " + " ".join(sys.argv[1:]),

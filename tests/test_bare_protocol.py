@@ -27,6 +27,20 @@ def _grey_images(levels) -> np.ndarray:
     return np.stack([np.full((16, 16, 3), v, dtype=np.uint8) for v in levels])
 
 
+def _prepared(tmp_path, train: int, test: int) -> Path:
+    """A prepared two-class dataset of random 32-px images, as `fadrm prepare` caches it."""
+    rng = np.random.default_rng(0)
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    for split, n in (("train", train), ("test", test)):
+        np.save(prepared / f"{split}_images.npy", rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
+        np.save(prepared / f"{split}_labels.npy", np.arange(n) % 2)
+    manifest = {"classes": ["a", "b"], "resolution": 32, "cached": True, "dataset_hash": "test", "mean": [MEAN] * 3, "std": [STD] * 3}
+    (prepared / "manifest.json").write_text(json.dumps(manifest))
+    (prepared / "files.tsv").write_text("split\tpath\n")
+    return prepared
+
+
 def test_rded_pick_keeps_the_crops_the_teacher_finds_easiest():
     levels = [0, 30, 60, 90, 120, 128, 140, 170, 200, 250]  # 128 is the mean colour (0.5 * 255)
     train = (_grey_images(levels), np.zeros(len(levels), dtype=np.int64))
@@ -59,15 +73,7 @@ def test_a_run_records_each_cell_once_and_writes_the_table(tmp_path, monkeypatch
     from fadrm.models import create_model
     from fadrm.weights import save_weights
 
-    rng = np.random.default_rng(0)
-    prepared = tmp_path / "prepared"
-    prepared.mkdir()
-    for split, n in (("train", 40), ("test", 20)):
-        np.save(prepared / f"{split}_images.npy", rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
-        np.save(prepared / f"{split}_labels.npy", np.arange(n) % 2)
-    manifest = {"classes": ["a", "b"], "resolution": 32, "cached": True, "dataset_hash": "test", "mean": [MEAN] * 3, "std": [STD] * 3}
-    (prepared / "manifest.json").write_text(json.dumps(manifest))
-    (prepared / "files.tsv").write_text("split\tpath\n")
+    prepared = _prepared(tmp_path, train=40, test=20)
     teacher = tmp_path / "teacher.safetensors"
     save_weights(create_model("convnet", 2, 32), teacher, {"arch": "convnet", "top1": 0.5})
     records, report = tmp_path / "cells.json", tmp_path / "table.md"
@@ -87,3 +93,16 @@ def test_a_run_records_each_cell_once_and_writes_the_table(tmp_path, monkeypatch
     bare_protocol.main()  # re-rendered from the records, the hand-written notes under the table
     text = report.read_text()
     assert "| bare:random |" in text and text.rstrip().endswith("What the figures say.")
+
+
+def test_a_device_that_is_not_here_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    prepared = _prepared(tmp_path, train=4, test=4)
+    argv = ["bare_protocol.py", "--prepared", str(prepared), "--teacher", str(tmp_path / "t.safetensors"), "--device", "cuda:7"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        bare_protocol.main()
+    assert stop.value.code == 2
+    assert "CUDA is not available" in capsys.readouterr().err
