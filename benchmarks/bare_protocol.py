@@ -87,13 +87,12 @@ def cutmix(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return mixed
 
 
-def train_student(images_u8, data, teacher, seed, args) -> dict:
-    """A ConvNet-64 student trained on ``images_u8`` against ``teacher`` (both on ``args.device``), tested
+def train_student(images_u8, data, teacher, seed, args, device: torch.device) -> dict:
+    """A ConvNet-64 student trained on ``images_u8`` against ``teacher`` (both on ``device``), tested
     on ``data``'s test split. Views and CutMix boxes are drawn on the device; their order from CPU generators."""
     from fadrm.engine import accuracy
     from fadrm.models import create_model
 
-    device = torch.device(args.device)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     images_u8 = images_u8.to(device)
@@ -220,7 +219,6 @@ def main() -> None:
         device = resolve_device(args.device)
     except (ConfigError, DataError) as exc:
         parser.error(str(exc))
-    args.device = str(device)
     if not data.cached:
         parser.error(f"{args.prepared}: not a prepared dataset with cached images (`fadrm prepare` with data.cache: on)")
     split = data.split("train")
@@ -247,7 +245,7 @@ def main() -> None:
                 images, _ = pick_random(train, args.ipc, data.num_classes, seed)
             else:
                 images, _ = pick_rded(train, args.ipc, data.num_classes, seed, teacher, data.normalize, args.candidates, device=device)
-            cell = train_student(images, data, teacher, seed, args)
+            cell = train_student(images, data, teacher, seed, args, device)
             if folder is not None:
                 cell["pipeline_top1"] = pipeline_top1(folder)
             results[key] = {

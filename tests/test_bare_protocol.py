@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -96,8 +97,6 @@ def test_a_run_records_each_cell_once_and_writes_the_table(tmp_path, monkeypatch
 
 
 def test_a_device_that_is_not_here_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    import pytest
-
     prepared = _prepared(tmp_path, train=4, test=4)
     argv = ["bare_protocol.py", "--prepared", str(prepared), "--teacher", str(tmp_path / "t.safetensors"), "--device", "cuda:7"]
     monkeypatch.setattr(sys, "argv", argv)
