@@ -221,6 +221,8 @@ def evaluate_set(args, method: str, ipc: int, seed: int, student: str, labels: s
         "recover_s_per_image": made["recover_s_per_image"],
         "recover_psnr": made["recover_psnr"],
         "teachers": made["teachers"],
+        # which teacher files, not only how good: the weights behind a record can be told apart (and found)
+        "teacher_sha256": read_json(Layout.of(cfg).metrics("squeeze")).get("teacher_sha256"),
         "device": _device_name(cfg),
         "set_device": made["device"],
         "epochs": cfg.evaluate.epochs,

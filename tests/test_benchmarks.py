@@ -111,6 +111,7 @@ def test_a_variant_is_compared_with_the_baseline_it_names(tmp_path):
 def test_grid_records_plain_and_variant_cells_and_skips_them_on_a_rerun(tmp_path):
     """benchmarks/grid.py end to end on the built-in subset at toy settings: a plain cell, then a named
     variant whose set is made again with its override, then a rerun that finds both recorded."""
+    import hashlib
     import json
     import os
     import subprocess
@@ -139,6 +140,8 @@ def test_grid_records_plain_and_variant_cells_and_skips_them_on_a_rerun(tmp_path
         (None, "fadrm", 1, 0),
         ("a07", "fadrm", 1, 0),
     ]
+    teacher = (tmp_path / "grid/teachers/convnet/squeeze/0-convnet.safetensors").read_bytes()
+    assert [r["teacher_sha256"] for r in rows] == [{"0-convnet": hashlib.sha256(teacher).hexdigest()}] * 2
     stage = json.loads((tmp_path / "grid/variants/a07/sets/fadrm-ipc1-s0/recover/stage.json").read_text())
     assert '"alpha": 0.7' in json.dumps(stage)
     assert "| a07 | 1 | fadrm |" in (tmp_path / "b.md").read_text()
