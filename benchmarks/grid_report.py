@@ -91,23 +91,53 @@ def _teachers_of(records: list[dict]) -> dict[str, dict]:
     return found
 
 
+def _teacher_of(records: list[dict]) -> tuple[frozenset, dict[str, float]]:
+    """What identifies the teacher behind some records: its sha256 (where recorded) and top-1 per arch.
+
+    FADRM+ cells add teachers of their own; the teacher is the one of every other method's cells."""
+    records = [r for r in records if r["method"] != "fadrm+"] or records
+    shas = frozenset(s for r in records for s in (r.get("teacher_sha256") or {}).values())
+    tops: dict[str, list[float]] = {}
+    for r in records:
+        for name, top1 in (r.get("teachers") or {}).items():
+            tops.setdefault(name.split("-", 1)[-1], []).append(top1)
+    return shas, {arch: max(set(v), key=v.count) for arch, v in tops.items()}
+
+
+def _same_teacher(a: tuple[frozenset, dict], b: tuple[frozenset, dict]) -> bool:
+    if a[0] and b[0]:
+        return a[0] == b[0]
+    # no hash on one side (older records): the same architectures at the same accuracy (a re-measure on
+    # another machine moved it by 0.02 points; two teachers of one recipe differed by 0.2)
+    return a[1].keys() == b[1].keys() and all(abs(a[1][k] - b[1][k]) < 0.001 for k in a[1])
+
+
 def variant_rows(records: list[dict]) -> list[str]:
     """A table of the variant cells, each against the plain cell of the same seeds."""
     acc = _by_seed(records)
     overrides = {r["variant"]: r.get("overrides", []) for r in records if r.get("variant")}
     baselines = {r["variant"]: r.get("baseline") or "" for r in records if r.get("variant")}
+    teachers = {v: _teacher_of([r for r in records if (r.get("variant") or "") == v]) for v in {"", *overrides}}
+    changed = {}  # what each variant changed: its overrides, and its teacher where that is not its baseline's
+    for variant, ov in overrides.items():
+        what = [f"`{' '.join(ov)}`"] if ov else []
+        mine, base = teachers[variant], teachers.get(baselines[variant])
+        if mine[1] and base and base[1] and not _same_teacher(mine, base):
+            what.append("teacher " + ", ".join(f"{arch} {100 * top1:.2f}%" for arch, top1 in sorted(mine[1].items())))
+        changed[variant] = "; ".join(what) or "none"
     keys = sorted(k for k in acc if k[0])
     if not keys:
         return []
     lines = [
-        "## Variants (one setting changed, same teacher and protocol)",
+        "## Variants (one setting or the teacher changed, same protocol)",
         "",
         "`python benchmarks/grid.py run --variant NAME -S KEY=VALUE ...`: the plain cell's set made again with the "
         "overrides; the change is paired, seed by seed, against the plain cell (mean ± std of the differences), "
-        "or against another variant's cells where it names one (`--baseline`).",
+        "or against another variant's cells where it names one (`--baseline`). A variant made with another "
+        "teacher (`--teacher ARCH=FILE`) names it and its top-1 in the last column.",
         "",
         "| variant | IPC | method | student | labels | top-1 (%) | against | its top-1, same seeds (%) | change (points) "
-        "| overrides |",
+        "| what changed |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in keys:
@@ -120,10 +150,10 @@ def variant_rows(records: list[dict]) -> list[str]:
         if diffs:
             mean, std, n = _stats(diffs)
             change = f"{100 * mean:+.2f} ± {100 * std:.2f} (n={n})"
-        ov = f"`{' '.join(overrides[variant])}`" if overrides.get(variant) else "none"
         lines.append(
             f"| {variant} | {ipc} | {method} | {STUDENT_NAMES.get(student, student)} | {labels} | "
-            f"{_cell(list(mine.values()))} | {base or 'plain'} | {_cell([plain[s] for s in common])} | {change} | {ov} |"
+            f"{_cell(list(mine.values()))} | {base or 'plain'} | {_cell([plain[s] for s in common])} | {change} "
+            f"| {changed[variant]} |"
         )
     return [*lines, ""]
 

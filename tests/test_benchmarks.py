@@ -107,6 +107,30 @@ def test_a_variant_is_compared_with_the_baseline_it_names(tmp_path):
     assert "| cpu | 55.50 ± 2.12 (n=2) | +2.00 ± 0.00 (n=2) | `x=1` |" in line
 
 
+def test_a_variant_with_another_teacher_names_it(tmp_path):
+    import json
+
+    def cells(variant, sha, top1, **extra):
+        return [
+            {**r, "variant": variant, "overrides": [], "teachers": {"0-convnet": top1}, "teacher_sha256": {"0-convnet": sha}, **extra}
+            for r in _records()
+            if r["labels"] == "soft"
+        ]
+
+    records = [
+        *cells("teacher2", "aa", 0.8185),
+        *cells("weaker", "bb", 0.7862, baseline="teacher2"),
+        *cells("crop", "aa", 0.8183, baseline="teacher2", overrides=["select.crop_scale=[1.0,1.0]"]),  # re-measured
+    ]
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(records))
+    lines = render(path, tmp_path / "benchmarks.md", {}).read_text().splitlines()
+    row = {x.split("|")[1].strip(): x for x in lines if x.startswith("| ") and "| 10 | fadrm |" in x}
+    assert row["weaker"].endswith("| teacher convnet 78.62% |")
+    assert row["crop"].endswith("| `select.crop_scale=[1.0,1.0]` |")  # the same file (sha256): no teacher named
+    assert row["teacher2"].endswith("| none |")  # no baseline records: nothing to differ from
+
+
 @pytest.mark.slow
 def test_grid_records_plain_and_variant_cells_and_skips_them_on_a_rerun(tmp_path):
     """benchmarks/grid.py end to end on the built-in subset at toy settings: a plain cell, then a named
