@@ -91,7 +91,7 @@ def _teachers_of(records: list[dict]) -> dict[str, dict]:
     return found
 
 
-def _teacher_of(records: list[dict]) -> tuple[frozenset, dict[str, float]]:
+def _teacher_identity(records: list[dict]) -> tuple[frozenset, dict[str, float]]:
     """What identifies the teacher behind some records: its sha256 (where recorded) and top-1 per arch.
 
     FADRM+ cells add teachers of their own; the teacher is the one of every other method's cells."""
@@ -117,7 +117,7 @@ def variant_rows(records: list[dict]) -> list[str]:
     acc = _by_seed(records)
     overrides = {r["variant"]: r.get("overrides", []) for r in records if r.get("variant")}
     baselines = {r["variant"]: r.get("baseline") or "" for r in records if r.get("variant")}
-    teachers = {v: _teacher_of([r for r in records if (r.get("variant") or "") == v]) for v in {"", *overrides}}
+    teachers = {v: _teacher_identity([r for r in records if (r.get("variant") or "") == v]) for v in {"", *overrides}}
     changed = {}  # what each variant changed: its overrides, and its teacher where that is not its baseline's
     for variant, ov in overrides.items():
         what = [f"`{' '.join(ov)}`"] if ov else []
