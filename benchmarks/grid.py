@@ -291,19 +291,24 @@ def run(args) -> None:
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     context = multiprocessing.get_context("spawn")
     with futures.ProcessPoolExecutor(args.workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
-        # The costly sets (recovery) start first; a set's evaluations start as soon as it is made,
-        # so the workers never wait for the slowest set before evaluating the others.
-        needed = sorted({e[:3] for e in todo}, key=lambda c: (-SET_COST.get(c[0], 0), c[1], c[2]))
-        pending = {pool.submit(make_set, args, *c): "set" for c in needed}
-        while pending:
+        # The costly sets (recovery) start first; a set's evaluations go before any set not yet started,
+        # so results arrive set by set instead of after every set is made.
+        waiting = sorted({e[:3] for e in todo}, key=lambda c: (-SET_COST.get(c[0], 0), c[1], c[2]))
+        ready: list[tuple] = []  # evaluations whose set is made
+        pending: dict = {}
+        while True:
+            for kind, job in _next_jobs(ready, waiting, len(pending), args.workers):
+                task = (make_set, args, *job) if kind == "set" else (evaluate_set, args, *job, parent)
+                pending[pool.submit(*task)] = kind
+            if not pending:
+                break
             finished, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
             for done in finished:
                 if pending.pop(done) == "set":
                     made = done.result()
                     print(f"set {made['method']} ipc{made['ipc']} s{made['seed']}: {made['seconds']} s", flush=True)
                     cell = (made["method"], made["ipc"], made["seed"])
-                    for e in (e for e in todo if e[:3] == cell):
-                        pending[pool.submit(evaluate_set, args, *e, parent)] = "evaluation"
+                    ready += [e for e in todo if e[:3] == cell]
                     continue
                 record = done.result()
                 records[_key(record)] = {**record, "command": args.command}
@@ -313,6 +318,15 @@ def run(args) -> None:
         client.log_artifact(parent, str(args.records))
         client.set_terminated(parent, "FINISHED")
     print(f"wrote {render(args.records, args.report, _teacher_figures(args))}")
+
+
+def _next_jobs(ready: list, waiting: list, running: int, workers: int) -> list[tuple[str, tuple]]:
+    """What to start now to keep ``workers`` busy: evaluations of made sets first, then the next sets.
+    Takes them off ``ready`` and ``waiting``."""
+    jobs = []
+    while running + len(jobs) < workers and (ready or waiting):
+        jobs.append(("evaluation", ready.pop(0)) if ready else ("set", waiting.pop(0)))
+    return jobs
 
 
 def _key(r: dict) -> str:

@@ -131,6 +131,39 @@ def test_a_variant_with_another_teacher_names_it(tmp_path):
     assert row["teacher2"].endswith("| none |")  # no baseline records: nothing to differ from
 
 
+def test_hard_label_recovery_takes_the_best_full_data_teacher(tmp_path):
+    """The plain cells' teacher is cut short on purpose (the preset's 6 epochs): HLR measures against the
+    best teacher of the student's architecture in the records, and the header names both."""
+    import json
+
+    plain = [{**r, "teachers": {"0-convnet": 0.7862}} for r in _records()]
+    stronger = [{**r, "variant": "teacher1", "overrides": [], "teachers": {"0-convnet": 0.8207}} for r in _records()]
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps([*plain, *stronger]))
+    text = render(path, tmp_path / "benchmarks.md", {}).read_text()
+    assert "Teachers (full training split, hard labels with smoothing 0.1, `fadrm squeeze`): ConvNet-64 78.62%." in text
+    assert "the whole training split, ConvNet-64 82.07%." in text
+    ddr = next(x for x in text.splitlines() if x.startswith("| fadrm | +"))
+    assert ddr.startswith("| fadrm | +6.00 | 40.07 |")  # 82.07 - 42.00, not 78.62 - 42.00
+
+
+def test_grid_evaluates_a_made_set_before_making_the_next():
+    """With one worker, a set's evaluations run before the next set is made: results arrive set by set,
+    not after every set of a long grid (an IPC 50 set takes over an hour on 2 CPU cores)."""
+    from grid import _next_jobs
+
+    ready, waiting = [], [("fadrm", 10, 0), ("fadrm", 10, 1)]
+    assert _next_jobs(ready, waiting, running=0, workers=1) == [("set", ("fadrm", 10, 0))]
+    assert _next_jobs(ready, waiting, running=1, workers=1) == []  # the worker is busy
+    ready += [("fadrm", 10, 0, "convnet", "soft"), ("fadrm", 10, 0, "convnet", "hard")]
+    assert _next_jobs(ready, waiting, running=0, workers=1) == [("evaluation", ("fadrm", 10, 0, "convnet", "soft"))]
+    assert _next_jobs(ready, waiting, running=0, workers=3) == [
+        ("evaluation", ("fadrm", 10, 0, "convnet", "hard")),
+        ("set", ("fadrm", 10, 1)),
+    ]
+    assert ready == [] and waiting == []
+
+
 @pytest.mark.slow
 def test_grid_records_plain_and_variant_cells_and_skips_them_on_a_rerun(tmp_path):
     """benchmarks/grid.py end to end on the built-in subset at toy settings: a plain cell, then a named
