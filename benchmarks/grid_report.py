@@ -82,6 +82,14 @@ def summarise(records: list[dict], teachers: dict[str, dict]) -> dict:
     return out
 
 
+def _by_variant(records: list[dict]) -> dict[str, list[dict]]:
+    """The records per variant ("" for the plain cells)."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[r.get("variant") or ""].append(r)
+    return groups
+
+
 def _teachers_of(records: list[dict]) -> dict[str, dict]:
     """{arch: {"top1": ...}} from the records' teachers (named ``<i>-<arch>`` by squeeze): per architecture
     the top-1 most records carry (a teacher re-measured on another machine moves by a few hundredths)."""
@@ -96,8 +104,8 @@ def _full_data(records: list[dict]) -> dict[str, dict]:
     """DD-Ranking's full-data accuracy per architecture: the best of its teachers in the records (the
     plain cells' teacher is cut short on purpose, so it is not that figure)."""
     best: dict[str, dict] = {}
-    for variant in {r.get("variant") or "" for r in records}:
-        for arch, t in _teachers_of([r for r in records if (r.get("variant") or "") == variant]).items():
+    for group in _by_variant(records).values():
+        for arch, t in _teachers_of(group).items():
             if t["top1"] > best.get(arch, {"top1": -1.0})["top1"]:
                 best[arch] = t
     return best
@@ -109,11 +117,7 @@ def _teacher_identity(records: list[dict]) -> tuple[frozenset, dict[str, float]]
     FADRM+ cells add teachers of their own; the teacher is the one of every other method's cells."""
     records = [r for r in records if r["method"] != "fadrm+"] or records
     shas = frozenset(s for r in records for s in (r.get("teacher_sha256") or {}).values())
-    tops: dict[str, list[float]] = {}
-    for r in records:
-        for name, top1 in (r.get("teachers") or {}).items():
-            tops.setdefault(name.split("-", 1)[-1], []).append(top1)
-    return shas, {arch: max(set(v), key=v.count) for arch, v in tops.items()}
+    return shas, {arch: t["top1"] for arch, t in _teachers_of(records).items()}
 
 
 def _same_teacher(a: tuple[frozenset, dict], b: tuple[frozenset, dict]) -> bool:
@@ -129,7 +133,8 @@ def variant_rows(records: list[dict]) -> list[str]:
     acc = _by_seed(records)
     overrides = {r["variant"]: r.get("overrides", []) for r in records if r.get("variant")}
     baselines = {r["variant"]: r.get("baseline") or "" for r in records if r.get("variant")}
-    teachers = {v: _teacher_identity([r for r in records if (r.get("variant") or "") == v]) for v in {"", *overrides}}
+    groups = _by_variant(records)
+    teachers = {v: _teacher_identity(groups.get(v, [])) for v in {"", *overrides}}
     changed = {}  # what each variant changed: its overrides, and its teacher where that is not its baseline's
     for variant, ov in overrides.items():
         what = [f"`{' '.join(ov)}`"] if ov else []
