@@ -90,7 +90,10 @@ def test_flow_outputs_are_known_to_dvc(harness, tmp_path, monkeypatch, capfd):
     assert "Updating lock file" not in "".join(capfd.readouterr())  # said once, by us, not once per stage
 
 
+@pytest.mark.slow  # two smoke pipelines (2-3 min on 2 cores); `fadrm check --local` gives the same verdict by default
 def test_regression_check_passes_unchanged_and_fails_degraded(harness, tmp_path, monkeypatch):
+    """The regression flow called as a function: passed on the baseline, failed with the metric named when
+    degraded, and both verdicts in MLflow."""
     from flows.regression import regression_flow
 
     monkeypatch.chdir(tmp_path)
