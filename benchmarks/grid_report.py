@@ -111,11 +111,15 @@ def _full_data(records: list[dict]) -> dict[str, dict]:
     return best
 
 
-def _teacher_identity(records: list[dict]) -> tuple[frozenset, dict[str, float]]:
+def _teacher_identity(records: list[dict], fadrm_plus: bool = False) -> tuple[frozenset, dict[str, float]]:
     """What identifies the teacher behind some records: its sha256 (where recorded) and top-1 per arch.
 
-    FADRM+ cells add teachers of their own; the teacher is the one of every other method's cells."""
-    records = [r for r in records if r["method"] != "fadrm+"] or records
+    FADRM+ cells add teachers of their own; the teacher is the one of every other method's cells, and
+    with ``fadrm_plus`` the set of teachers behind the FADRM+ cells."""
+    if fadrm_plus:
+        records = [r for r in records if r["method"] == "fadrm+"]
+    else:
+        records = [r for r in records if r["method"] != "fadrm+"] or records
     shas = frozenset(s for r in records for s in (r.get("teacher_sha256") or {}).values())
     return shas, {arch: t["top1"] for arch, t in _teachers_of(records).items()}
 
@@ -134,14 +138,20 @@ def variant_rows(records: list[dict]) -> list[str]:
     overrides = {r["variant"]: r.get("overrides", []) for r in records if r.get("variant")}
     baselines = {r["variant"]: r.get("baseline") or "" for r in records if r.get("variant")}
     groups = _by_variant(records)
-    teachers = {v: _teacher_identity(groups.get(v, [])) for v in {"", *overrides}}
-    changed = {}  # what each variant changed: its overrides, and its teacher where that is not its baseline's
-    for variant, ov in overrides.items():
+
+    def changed(variant: str, method: str) -> str:
+        """What a variant's cells of one method changed: its overrides, and its teacher(s) where they are not
+        its baseline's (a FADRM+ row compares all of its teachers)."""
+        ov = overrides[variant]
         what = [f"`{' '.join(ov)}`"] if ov else []
-        mine, base = teachers[variant], teachers.get(baselines[variant])
-        if mine[1] and base and base[1] and not _same_teacher(mine, base):
-            what.append("teacher " + ", ".join(f"{arch} {100 * top1:.2f}%" for arch, top1 in sorted(mine[1].items())))
-        changed[variant] = "; ".join(what) or "none"
+        plus = method == "fadrm+"
+        mine = _teacher_identity(groups.get(variant, []), plus)
+        base = _teacher_identity(groups.get(baselines[variant], []), plus)
+        if mine[1] and base[1] and not _same_teacher(mine, base):
+            word = "teachers" if len(mine[1]) > 1 else "teacher"
+            what.append(f"{word} " + ", ".join(f"{arch} {100 * top1:.2f}%" for arch, top1 in sorted(mine[1].items())))
+        return "; ".join(what) or "none"
+
     keys = sorted(k for k in acc if k[0])
     if not keys:
         return []
@@ -170,7 +180,7 @@ def variant_rows(records: list[dict]) -> list[str]:
         lines.append(
             f"| {variant} | {ipc} | {method} | {STUDENT_NAMES.get(student, student)} | {labels} | "
             f"{_cell(list(mine.values()))} | {base or 'plain'} | {_cell([plain[s] for s in common])} | {change} "
-            f"| {changed[variant]} |"
+            f"| {changed(variant, method)} |"
         )
     return [*lines, ""]
 

@@ -131,6 +131,34 @@ def test_a_variant_with_another_teacher_names_it(tmp_path):
     assert row["teacher2"].endswith("| none |")  # no baseline records: nothing to differ from
 
 
+def test_a_fadrm_plus_row_names_every_teacher_that_differs(tmp_path):
+    """A FADRM+ row compares all of its teachers: the same first teacher with another second one is a change."""
+    import json
+
+    def cells(variant, teachers, method, **extra):
+        tops = {f"{i}-{arch}": top1 for i, (arch, _, top1) in enumerate(teachers)}
+        shas = {f"{i}-{arch}": sha for i, (arch, sha, _) in enumerate(teachers)}
+        rows = [r for r in _records() if r["labels"] == "soft" and r["method"] == "fadrm"]
+        return [
+            {**r, "method": method, "variant": variant, "overrides": [], "teachers": tops, "teacher_sha256": shas, **extra}
+            for r in rows
+        ]
+
+    convnet, resnet20, resnet18 = ("convnet", "aa", 0.8207), ("resnet20", "cc", 0.8507), ("resnet18", "dd", 0.8562)
+    records = [
+        *cells("base", [convnet], "fadrm"),
+        *cells("base", [convnet, resnet20], "fadrm+"),
+        *cells("other-second", [convnet], "fadrm", baseline="base"),
+        *cells("other-second", [convnet, resnet18], "fadrm+", baseline="base"),
+    ]
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(records))
+    lines = render(path, tmp_path / "benchmarks.md", {}).read_text().splitlines()
+    rows = {x.split("|")[3].strip(): x for x in lines if x.startswith("| other-second |")}
+    assert rows["fadrm"].endswith("| none |")  # every other method kept its teacher
+    assert rows["fadrm+"].endswith("| teachers convnet 82.07%, resnet18 85.62% |")
+
+
 def test_hard_label_recovery_takes_the_best_full_data_teacher(tmp_path):
     """The plain cells' teacher is cut short on purpose (the preset's 6 epochs): HLR measures against the
     best teacher of the student's architecture in the records, and the header names both."""

@@ -2,6 +2,7 @@
 MLflow, Prefect, Typer and DVC."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -147,6 +148,9 @@ def test_check_local_passes_on_the_baseline_and_exits_1_on_a_regression(tmp_path
     (run,) = client.search_runs([client.get_experiment_by_name("fadrm").experiment_id], filter_string="tags.`fadrm.kind` = 'pipeline'")
     assert run.data.tags["fadrm.regression"] == "passed" and run.data.tags["fadrm.regression.baseline"] == baseline
     assert "regression/regression.md" in [a.path for a in client.list_artifacts(run.info.run_id, "regression")]
-    failed = runner.invoke(app, ["check", "--local", "--no-track", "--baseline", baseline, "-S", "squeeze.lr=0.000001"])
+    # a teacher that cannot learn (and, to keep the suite short, a student trained 2 epochs on its labels)
+    degraded = ["squeeze.lr=0.000001", "squeeze.epochs=1", "relabel.epochs=2", "evaluate.epochs=2", "evaluate.eval_every=1"]
+    failed = runner.invoke(app, ["check", "--local", "--no-track", "--baseline", baseline, *[a for o in degraded for a in ("-S", o)]])
     assert failed.exit_code == 1, failed.output
     assert "regression against" in failed.output
+    assert re.search(r"\| teacher_top1 \|[^\n]*\*\*regressed\*\*", failed.output), failed.output
