@@ -185,6 +185,13 @@ def variant_rows(records: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
+def _shown(path: Path) -> str:
+    """A path as the docs show it: relative to the repository where it lies inside it."""
+    path = Path(path).resolve()
+    root = Path(__file__).resolve().parents[1]
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
 def render(records_path: Path, md_path: Path, teachers: dict[str, dict]) -> Path:
     records = json.loads(Path(records_path).read_text()) if Path(records_path).is_file() else []
     # the runs' own teacher figures first: docs from the JSON alone
@@ -199,7 +206,7 @@ def render(records_path: Path, md_path: Path, teachers: dict[str, dict]) -> Path
     lines = [
         "# Benchmarks",
         "",
-        "Written by `python benchmarks/grid.py` (records: `docs/benchmarks/cifar10-cpu.json`, one per set, "
+        f"Written by `python benchmarks/grid.py` (records: `{_shown(records_path)}`, one per set, "
         "student and label kind). Full CIFAR-10 (50k train / 10k test JPEGs), the `cifar10-cpu` preset's "
         "protocol for every method: same teachers, same recovery budget (1,000 iterations), same views and "
         "soft labels, 300 student epochs. Student top-1 on the real test split after the last epoch, "
