@@ -138,6 +138,8 @@ def variant_rows(records: list[dict]) -> list[str]:
     overrides = {r["variant"]: r.get("overrides", []) for r in records if r.get("variant")}
     baselines = {r["variant"]: r.get("baseline") or "" for r in records if r.get("variant")}
     groups = _by_variant(records)
+    # per variant: the teacher of its cells, and (True) the teachers of its FADRM+ cells
+    teachers = {(v, plus): _teacher_identity(groups.get(v, []), plus) for v in {"", *overrides} for plus in (False, True)}
 
     def changed(variant: str, method: str) -> str:
         """What a variant's cells of one method changed: its overrides, and its teacher(s) where they are not
@@ -145,8 +147,7 @@ def variant_rows(records: list[dict]) -> list[str]:
         ov = overrides[variant]
         what = [f"`{' '.join(ov)}`"] if ov else []
         plus = method == "fadrm+"
-        mine = _teacher_identity(groups.get(variant, []), plus)
-        base = _teacher_identity(groups.get(baselines[variant], []), plus)
+        mine, base = teachers[variant, plus], teachers.get((baselines[variant], plus), (frozenset(), {}))
         if mine[1] and base[1] and not _same_teacher(mine, base):
             word = "teachers" if len(mine[1]) > 1 else "teacher"
             what.append(f"{word} " + ", ".join(f"{arch} {100 * top1:.2f}%" for arch, top1 in sorted(mine[1].items())))
