@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from fadrm.data.prepared import Prepared
-from fadrm.data.sources import check_member, safe_extract
+from fadrm.data.sources import ArchiveTree, check_member, safe_extract, scan, scan_tree, tree_root
 from fadrm.errors import DataError, UnsafeArchiveError
 from fadrm.stage import Layout
 from fadrm.stages.prepare import prepare
@@ -88,6 +88,44 @@ def _tar(tmp_path, root, name="data.tar.gz"):
     with tarfile.open(archive, "w:gz") as tf:
         tf.add(root, arcname="mydata")
     return archive
+
+
+def test_an_archive_is_listed_from_its_names_as_its_extracted_folder_would_be(tiny_tree, tmp_path):
+    """prepare lists an archive without extracting it: the same classes, files and order as a scan of the
+    extracted folder (nested folders, hidden files and folders, files that are not images), so the
+    dataset's hash does not depend on which of the two read it."""
+    extra = tiny_tree / "train" / "cat"
+    (extra / "b-nested" / ".hidden").mkdir(parents=True)
+    shutil.copy(next((tiny_tree / "train" / "ship").iterdir()), extra / "b-nested" / "0-first.jpg")
+    shutil.copy(next((tiny_tree / "train" / "ship").iterdir()), extra / "b-nested" / ".hidden" / "skip.jpg")
+    (extra / ".skip.jpg").write_bytes(b"")
+    (extra / "notes.txt").write_text("not an image")
+    (extra / "z-last.PNG").write_bytes(b"")
+    archive = _tar(tmp_path, tiny_tree)
+    with tarfile.open(archive) as tf:
+        names = [m.name for m in tf.getmembers() if m.isfile()]
+    tree = ArchiveTree(names, archive)
+    listed = scan_tree(tree, tree_root(tree))
+    on_disk = scan(tiny_tree)
+    assert listed[0] == on_disk[0] == ["airplane", "cat", "ship"]
+    for split in ("train", "test"):
+        assert (listed[1][split].paths, listed[1][split].labels) == (on_disk[1][split].paths, on_disk[1][split].labels)
+    cats = [p for p in on_disk[1]["train"].paths if p.startswith("train/cat/")]
+    assert cats[-2:] == ["train/cat/z-last.PNG", "train/cat/b-nested/0-first.jpg"]  # os.walk: files, then folders
+
+
+def test_only_the_files_a_subset_keeps_are_extracted(tiny_tree, tmp_path):
+    archive = _tar(tmp_path, tiny_tree)
+    dest = tmp_path / "dest"
+    safe_extract(archive, dest, lambda names: [n for n in names if n.startswith("mydata/test/cat/")])
+    written = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    assert written == sorted(f"mydata/test/cat/{p.name}" for p in (tiny_tree / "test" / "cat").iterdir())
+    data, metrics = _prepare(tmp_path, "data.source=tar", f"data.path={archive}", "data.train_per_class=2", "data.test_per_class=1")
+    assert metrics["train_images"] == 6 and metrics["test_images"] == 3
+    full, _ = _prepare(
+        tmp_path / "full", "data.source=imagefolder", f"data.path={tiny_tree}", "data.train_per_class=2", "data.test_per_class=1"
+    )
+    assert data.digest == full.digest  # the same files, read from the archive or from the folder
 
 
 def test_tar_archive(tiny_tree, tmp_path):

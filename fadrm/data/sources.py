@@ -63,40 +63,110 @@ def _first_per_class(labels: np.ndarray, per_class: int | None) -> np.ndarray:
     return np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)]))
 
 
-def find_root(base: Path) -> Path:
-    """The folder holding ``train/``: ``base`` itself or a folder up to two levels below."""
-    candidates = [base] + sorted(p for p in base.iterdir() if p.is_dir())
-    candidates += [q for p in candidates[1:] for q in sorted(p.iterdir()) if q.is_dir()]
-    for folder in candidates:
-        if (folder / "train").is_dir():
-            return folder
-    raise DataError(f"no 'train/' folder in {base} (expected train/<class>/<images> with val/ or test/ beside it)")
-
-
 # ----------------------------------------------------------------------------- ImageFolder
 
 
-def pick_test_split(root: Path, choice: str) -> str:
+class FolderTree:
+    """A folder tree on disk, seen through the few questions :func:`scan` asks of one."""
+
+    def __init__(self, base: Path):
+        self.base = Path(base)
+
+    def is_dir(self, rel: str) -> bool:
+        return (self.base / rel).is_dir()
+
+    def children(self, rel: str) -> tuple[list[str], list[str]]:
+        """The names of the sub-folders and of the files in ``rel``."""
+        with os.scandir(self.base / rel) as entries:
+            found = [(e.name, e.is_dir()) for e in entries]
+        return [n for n, d in found if d], [n for n, d in found if not d]
+
+    def files_under(self, rel: str) -> list[str]:
+        """Every file below ``rel`` in ``os.walk`` order (hidden folders skipped, links not followed)."""
+        found = []
+        for dirpath, dirnames, filenames in os.walk(self.base / rel):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            found += [Path(dirpath, name).relative_to(self.base).as_posix() for name in sorted(filenames)]
+        return found
+
+    def where(self, rel: str) -> str:
+        return str(self.base / rel) if rel else str(self.base)
+
+
+class ArchiveTree:
+    """The tree a tar archive would extract to, known from its members' names alone, so that a
+    subset of it can be chosen before anything is written."""
+
+    def __init__(self, names: list[str], archive: Path):
+        self.archive = archive
+        self.folders: dict[str, tuple[set[str], set[str]]] = {"": (set(), set())}
+        for name in names:
+            *parents, leaf = name.split("/")
+            rel = ""
+            for part in parents:
+                self.folders[rel][0].add(part)
+                rel = _join(rel, part)
+                self.folders.setdefault(rel, (set(), set()))
+            self.folders[rel][1].add(leaf)
+
+    def is_dir(self, rel: str) -> bool:
+        return rel in self.folders
+
+    def children(self, rel: str) -> tuple[list[str], list[str]]:
+        dirs, files = self.folders[rel]
+        return list(dirs), list(files)
+
+    def files_under(self, rel: str) -> list[str]:
+        """:meth:`FolderTree.files_under` for the archive's names."""
+        dirs, files = self.folders[rel]
+        found = [_join(rel, name) for name in sorted(files)]
+        for name in sorted(d for d in dirs if not d.startswith(".")):
+            found += self.files_under(_join(rel, name))
+        return found
+
+    def where(self, rel: str) -> str:
+        return f"{self.archive} ({rel}/)" if rel else str(self.archive)
+
+
+def _join(rel: str, name: str) -> str:
+    return f"{rel}/{name}" if rel else name
+
+
+def find_root(base: Path) -> Path:
+    """The folder holding ``train/``: ``base`` itself or a folder up to two levels below."""
+    return Path(base) / tree_root(FolderTree(base))
+
+
+def tree_root(tree: FolderTree | ArchiveTree) -> str:
+    """:func:`find_root` for any tree: the relative path of the folder holding ``train/``."""
+    candidates = [""] + sorted(tree.children("")[0])
+    candidates += [_join(p, q) for p in candidates[1:] for q in sorted(tree.children(p)[0])]
+    for folder in candidates:
+        if tree.is_dir(_join(folder, "train")):
+            return folder
+    raise DataError(f"no 'train/' folder in {tree.where('')} (expected train/<class>/<images> with val/ or test/ beside it)")
+
+
+def pick_test_split(tree, root: str, choice: str) -> str:
     options = ("val", "test") if choice == "auto" else (choice,)
     for name in options:
-        if (root / name).is_dir():
+        if tree.is_dir(_join(root, name)):
             return name
     wanted = " or ".join(f"'{o}/'" for o in options)
-    raise DataError(f"no {wanted} folder beside 'train/' in {root}")
+    raise DataError(f"no {wanted} folder beside 'train/' in {tree.where(root)}")
 
 
-def _class_files(folder: Path) -> list[str]:
-    files = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                files.append(os.path.join(dirpath, name))
-    return files
+def _class_files(tree, folder: str) -> list[str]:
+    """The images under ``folder``: hidden names and other suffixes left out."""
+    return [
+        rel
+        for rel in tree.files_under(folder)
+        if not (name := rel.rsplit("/", 1)[-1]).startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+    ]
 
 
-def _class_names(split_dir: Path) -> list[str]:
-    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _class_names(tree, folder: str) -> list[str]:
+    return sorted(d for d in tree.children(folder)[0] if not d.startswith("."))
 
 
 def scan(root: Path, test_choice: str = "auto") -> tuple[list[str], dict[str, SplitFiles]]:
@@ -104,28 +174,35 @@ def scan(root: Path, test_choice: str = "auto") -> tuple[list[str], dict[str, Sp
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root}")
-    if not (root / "train").is_dir():
-        raise DataError(f"no 'train/' folder in {root} (expected train/<class>/<images>)")
-    test_name = pick_test_split(root, test_choice)
-    classes = _class_names(root / "train")
+    return scan_tree(FolderTree(root), "", test_choice)
+
+
+def scan_tree(tree, root: str, test_choice: str = "auto") -> tuple[list[str], dict[str, SplitFiles]]:
+    """:func:`scan` for any tree, ``root`` the relative path of the folder holding ``train/``; the
+    file paths it returns are relative to ``root``."""
+    if not tree.is_dir(_join(root, "train")):
+        raise DataError(f"no 'train/' folder in {tree.where(root)} (expected train/<class>/<images>)")
+    test_name = pick_test_split(tree, root, test_choice)
+    classes = _class_names(tree, _join(root, "train"))
     if not classes:
-        raise DataError(f"{root / 'train'} has no class folders")
-    test_classes = _class_names(root / test_name)
+        raise DataError(f"{tree.where(_join(root, 'train'))} has no class folders")
+    test_classes = _class_names(tree, _join(root, test_name))
     if test_classes != classes:
         only_train = sorted(set(classes) - set(test_classes))
         only_test = sorted(set(test_classes) - set(classes))
         raise DataError(
-            f"class sets differ between train/ and {test_name}/ in {root}: "
+            f"class sets differ between train/ and {test_name}/ in {tree.where(root)}: "
             f"only in train: {only_train or 'none'}; only in {test_name}: {only_test or 'none'}"
         )
+    skip = len(root) + 1 if root else 0
     splits: dict[str, SplitFiles] = {}
     for split, folder in (("train", "train"), ("test", test_name)):
         files = SplitFiles(split)
         for index, name in enumerate(classes):
-            found = _class_files(root / folder / name)
+            found = _class_files(tree, _join(root, f"{folder}/{name}"))
             if not found:
-                raise DataError(f"class '{name}' has no images in {root / folder / name}")
-            files.paths += [Path(p).relative_to(root).as_posix() for p in found]
+                raise DataError(f"class '{name}' has no images in {tree.where(_join(root, f'{folder}/{name}'))}")
+            files.paths += [rel[skip:] for rel in found]
             files.labels += [index] * len(found)
         splits[split] = files
     return classes, splits

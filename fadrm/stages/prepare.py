@@ -34,13 +34,16 @@ from fadrm.data.images import RULES, conversion, to_rgb
 from fadrm.data.prepared import FILES, MANIFEST, fit_image
 from fadrm.data.sources import (
     EXTRACTED,
+    ArchiveTree,
     builtin_archive,
     find_root,
     keep_extracted,
     safe_extract,
     scan,
+    scan_tree,
     torchvision_arrays,
     torchvision_files,
+    tree_root,
 )
 from fadrm.errors import ConfigError, DataError
 from fadrm.io import sha256_bytes, sha256_file, write_json
@@ -97,9 +100,7 @@ def prepare(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
         else:
             with tempfile.TemporaryDirectory(dir=out.parent, prefix=".prepare-scratch-") as scratch:
                 tree = Path(scratch) / "tree"
-                root = find_root(_raw_root(cfg, tree))
-                classes, files = scan(root, data.test_split)
-                files = {split: listing.subset(_limit(data, split)) for split, listing in files.items()}
+                root, classes, files = _raw_files(cfg, tree)
                 if data.resolution or data.source == "builtin":
                     resolution, resolution_from = _known_resolution(cfg, name)
                 else:
@@ -108,6 +109,7 @@ def prepare(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
                 extracted = None
                 if not cached and root.is_relative_to(tree):  # file-backed: keep the tree, once, outside the outputs
                     archive = builtin_archive() if data.source == "builtin" else Path(data.path)
+                    safe_extract(archive, tree)  # all of it: the kept copy serves every later subset
                     sha = sha256_file(archive)
                     kept = keep_extracted(tree, sha, out.parent / EXTRACTED)
                     root = kept / root.relative_to(tree)
@@ -214,18 +216,32 @@ def _project_path(path: Path, start: Path | None = None) -> str:
     return Path(os.path.relpath(path, Path(start).resolve() if start else Path.cwd())).as_posix()
 
 
-def _raw_root(cfg: Config, extract_to: Path) -> Path:
-    """The folder holding the raw ImageFolder tree (extracting archives first)."""
+def _raw_files(cfg: Config, extract_to: Path) -> tuple[Path, list[str], dict]:
+    """The folder holding ``train/``, the classes and the files of each split (the first
+    ``train_per_class``/``test_per_class`` of every class). An archive is listed from its members'
+    names and only the files kept are extracted, into ``extract_to``."""
     data = cfg.data
     if data.source == "imagefolder":
         path = Path(data.path)
         if not path.is_dir():
             raise DataError(f"data.path does not exist or is not a folder: {path}")
-        return path
+        root = find_root(path)
+        classes, files = scan(root, data.test_split)
+        return root, classes, {split: listing.subset(_limit(data, split)) for split, listing in files.items()}
     archive = builtin_archive() if data.source == "builtin" else Path(data.path)
+    found: dict = {}
+
+    def keep(names: list[str]) -> list[str]:
+        tree = ArchiveTree(names, archive)
+        found["root"] = tree_root(tree)
+        found["classes"], listed = scan_tree(tree, found["root"], data.test_split)
+        found["files"] = {split: listing.subset(_limit(data, split)) for split, listing in listed.items()}
+        prefix = f"{found['root']}/" if found["root"] else ""
+        return [prefix + rel for listing in found["files"].values() for rel in listing.paths]
+
     extract_to.mkdir(parents=True, exist_ok=True)
-    safe_extract(archive, extract_to)
-    return extract_to
+    safe_extract(archive, extract_to, keep)
+    return extract_to / found["root"], found["classes"], found["files"]
 
 
 def _read_image(path: Path, resolution: int, decode: bool) -> tuple[str, np.ndarray | None, list[str]]:
