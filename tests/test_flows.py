@@ -220,14 +220,22 @@ def test_deployment_is_run_by_a_worker(prefect_server, tmp_path):
     assert summary["student_top1"] is not None
 
 
-def test_regression_schedule_is_registered(prefect_server):
-    scheduled = _cli(prefect_server, "schedule", "--cron", "0 3 * * *", "--pool", "test-pool", "--name", "nightly")
-    assert scheduled.returncode == 0, scheduled.stdout + scheduled.stderr
-    deployment = _api(prefect_server, "GET", "/deployments/name/fadrm-regression/nightly")
-    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
+def test_regression_schedule_is_registered(harness, monkeypatch):
+    """`fadrm schedule` against a live Prefect API (the session's test server, in this process)."""
+    from prefect.client.orchestration import get_client
+    from typer.testing import CliRunner
+
+    from fadrm.cli import app
+
+    monkeypatch.chdir(ROOT)
+    scheduled = CliRunner().invoke(app, ["schedule", "--cron", "0 3 * * *", "--pool", "test-pool", "--name", "nightly"])
+    assert scheduled.exit_code == 0, scheduled.output
+    with get_client(sync_client=True) as prefect:
+        deployment = prefect.read_deployment_by_name("fadrm-regression/nightly")
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
     # one check at a time: they share outputs/regression
-    assert deployment["global_concurrency_limit"]["limit"] == 1
-    assert deployment["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+    assert deployment.global_concurrency_limit.limit == 1
+    assert deployment.concurrency_options.collision_strategy == "CANCEL_NEW"
 
 
 def _api(env, method: str, path: str, body: dict | None = None):
