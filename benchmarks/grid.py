@@ -60,6 +60,7 @@ TEACHER_OVERRIDES = {
 }  # ResNet-20: FADRM+'s second teacher on CPUs, cut short like the preset's ConvNet-64 (squeeze.epochs)
 SET_STAGES = ("squeeze", "select", "recover", "relabel")
 # relative cost of making a set: the recovering methods first, so they are not the tail of a run
+WORKER_PROGRESS_INTERVAL = 300  # seconds between two progress lines of one worker in the grid's log
 SET_COST = {"fadrm+": 3, "fadrm": 2, "sre2l": 2, "rded": 1, "random": 0}
 
 
@@ -154,6 +155,11 @@ def set_dir(args, method: str, ipc: int, seed: int) -> Path:
     return root / "sets" / f"{method}-ipc{ipc}-s{seed}"
 
 
+def _cell_name(args, method: str, ipc: int, seed: int, *more: str) -> str:
+    """How a job's progress lines name it in the grid's log, e.g. ``fadrm ipc10 s0 convnet soft``."""
+    return " ".join([*([args.variant] if args.variant else []), method, f"ipc{ipc}", f"s{seed}", *more])
+
+
 def make_set(args, method: str, ipc: int, seed: int) -> dict[str, Any]:
     """Select, recover and relabel one distilled set (skipped when done)."""
     from fadrm.pipeline import STAGES
@@ -161,6 +167,7 @@ def make_set(args, method: str, ipc: int, seed: int) -> dict[str, Any]:
     out = set_dir(args, method, ipc, seed)
     if (out / "done.json").is_file():
         return read_json(out / "done.json")
+    os.environ["FADRM_PROGRESS_LABEL"] = _cell_name(args, method, ipc, seed)
     shutil.rmtree(out, ignore_errors=True)
     link_stage(args.out / "prepared", out, "prepare")
     cfg = base_config(args, out, f"method={method}", f"ipc={ipc}", f"seed={seed}", teachers_override(args, method))
@@ -190,6 +197,7 @@ def evaluate_set(args, method: str, ipc: int, seed: int, student: str, labels: s
     out = src / f"eval-{student}-{labels}"
     if (out / "done.json").is_file():
         return read_json(out / "done.json")
+    os.environ["FADRM_PROGRESS_LABEL"] = _cell_name(args, method, ipc, seed, student, labels)
     shutil.rmtree(out, ignore_errors=True)
     for stage in ("prepare", *SET_STAGES):
         link_stage(src, out, stage)
@@ -203,7 +211,7 @@ def evaluate_set(args, method: str, ipc: int, seed: int, student: str, labels: s
         f"evaluate.student={student}",
         f"evaluate.labels={labels}",
     )
-    with _cell_tracker(args, cfg, parent, f"{method} ipc{ipc} s{seed} {student} {labels}") as tracker:
+    with _cell_tracker(args, cfg, parent, _cell_name(args, method, ipc, seed, student, labels)) as tracker:
         metrics = evaluate(cfg, tracker)
     made = read_json(src / "done.json")
     record = {
@@ -271,7 +279,8 @@ def _device_name(cfg: Config) -> str:
 
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
-    os.environ["FADRM_PROGRESS"] = "0"
+    # the workers share the grid's log: a line per job every few minutes, named after its cell
+    os.environ.setdefault("FADRM_PROGRESS_INTERVAL", str(WORKER_PROGRESS_INTERVAL))
 
 
 def run(args) -> None:
@@ -407,7 +416,6 @@ def main() -> None:
         return
     if not args.data.exists():
         raise SystemExit(f"no dataset at {args.data}")
-    os.environ.setdefault("FADRM_PROGRESS", "0")
     if args.what == "teachers":
         train_teachers(args)
     else:

@@ -4,6 +4,10 @@ On a terminal: a tqdm bar. Without one (CI logs, Prefect workers, ``2> file``) a
 carriage returns make one unreadable line that often shows only its first state (0%), so
 there :class:`LogLines` writes a plain line at most every ``interval`` seconds and one at
 the end. Both have the methods the stages call (``update``, ``set_postfix``, ``close``).
+
+Where several jobs share one log (a benchmark's worker processes), ``FADRM_PROGRESS_LABEL``
+names the job at the start of each of its lines and ``FADRM_PROGRESS_INTERVAL`` sets the
+seconds between two lines.
 """
 
 from __future__ import annotations
@@ -15,11 +19,27 @@ from typing import Any
 
 from tqdm import tqdm
 
+from fadrm.errors import ConfigError
+
 LOG_INTERVAL = 30.0  # seconds between two lines in a log
 
 
 def enabled() -> bool:
     return os.environ.get("FADRM_PROGRESS", "1") not in ("0", "false", "no")
+
+
+def log_interval() -> float:
+    """Seconds between two log lines: ``FADRM_PROGRESS_INTERVAL``, else :data:`LOG_INTERVAL`."""
+    value = os.environ.get("FADRM_PROGRESS_INTERVAL")
+    if value is None:
+        return LOG_INTERVAL
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ConfigError(f"FADRM_PROGRESS_INTERVAL must be a number of seconds (>= 0), got {value!r}")
+    return seconds
 
 
 class LogLines:
@@ -65,8 +85,11 @@ class LogLines:
 
 def bar(total: int, desc: str, unit: str = "it", initial: int = 0) -> tqdm | LogLines:
     """A tqdm bar on a terminal, plain log lines elsewhere; silent with ``FADRM_PROGRESS=0``."""
+    label = os.environ.get("FADRM_PROGRESS_LABEL")
+    if label:
+        desc = f"[{label}] {desc}"
     if not sys.stderr.isatty():
-        return LogLines(total, desc, unit, initial, disable=not enabled())
+        return LogLines(total, desc, unit, initial, interval=log_interval(), disable=not enabled())
     return tqdm(
         total=total,
         desc=desc,

@@ -209,16 +209,19 @@ def test_grid_records_plain_and_variant_cells_and_skips_them_on_a_rerun(tmp_path
         *("-S squeeze.epochs=1 -S evaluate.epochs=2 -S relabel.epochs=2 -S recover.iterations=2".split()),
         *("--out", str(tmp_path / "grid"), "--records", str(records), "--report", str(tmp_path / "b.md")),
     ]
-    env = {**os.environ, "FADRM_PROGRESS": "0"}
+    env = {**os.environ, "FADRM_PROGRESS": "1"}
 
     def grid(*args):
         done = subprocess.run([sys.executable, "benchmarks/grid.py", *args], cwd=root, env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
-        return done.stdout
+        return done.stdout + done.stderr
 
     grid("teachers", *common)
     grid("run", *common)
-    grid("run", *common, "--variant", "a07", "-S", "recover.alpha=0.7")
+    log = grid("run", *common, "--variant", "a07", "-S", "recover.alpha=0.7")
+    # the workers' progress lines in the grid's log name their cell
+    assert "[a07 fadrm ipc1 s0] recover (fadrm): " in log
+    assert "[a07 fadrm ipc1 s0 convnet soft] evaluate (convnet): 2/2 epoch (100%)" in log
     assert "0 to do" in grid("run", *common, "--variant", "a07", "-S", "recover.alpha=0.7")
     rows = json.loads(records.read_text())
     assert [(r.get("variant"), r["method"], r["ipc"], r["seed"]) for r in rows] == [

@@ -5,7 +5,8 @@ import io
 
 import pytest
 
-from fadrm.progress import LogLines
+from fadrm.errors import ConfigError
+from fadrm.progress import LogLines, bar
 from fadrm.visualize import Axis, bar_plot, line_figure
 
 ROWS = [{"epoch": 1, "top1": 0.25, "top5": 0.6}, {"epoch": 2, "top1": 0.5, "top5": 0.9}]
@@ -54,3 +55,20 @@ def test_log_lines_end_with_the_final_state(interval):
     assert lines[-1].startswith("recover: 4/4 step (100%)") and lines[-1].endswith("loss=0.5")
     assert len(lines) == (5 if interval == 0 else 1)  # a line per interval, one at the end, none twice
     assert "\r" not in out.getvalue()
+
+
+def test_jobs_sharing_a_log_name_their_lines_at_their_own_interval(monkeypatch, capsys):
+    """What a benchmark's worker processes set: a label per job, fewer lines (here: only the last)."""
+    monkeypatch.setenv("FADRM_PROGRESS", "1")
+    monkeypatch.setenv("FADRM_PROGRESS_LABEL", "fadrm ipc10 s0 convnet soft")
+    monkeypatch.setenv("FADRM_PROGRESS_INTERVAL", "3600")
+    progress = bar(3, "evaluate (convnet)", unit="epoch")
+    for _ in range(3):
+        progress.update()
+    progress.close()
+    assert capsys.readouterr().err.splitlines() == [
+        "[fadrm ipc10 s0 convnet soft] evaluate (convnet): 3/3 epoch (100%), 00:00 elapsed"
+    ]
+    monkeypatch.setenv("FADRM_PROGRESS_INTERVAL", "often")
+    with pytest.raises(ConfigError, match="FADRM_PROGRESS_INTERVAL must be a number of seconds"):
+        bar(3, "evaluate (convnet)")
