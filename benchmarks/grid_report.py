@@ -222,7 +222,7 @@ def render(records_path: Path, md_path: Path, teachers: dict[str, dict]) -> Path
             "",
         ]
     references = [f"{ARCH_NAMES[a]} {100 * t['top1']:.2f}%" for a, t in full_data.items() if a in STUDENT_NAMES]
-    if references:
+    if references and any(r["labels"] == "hard" for r in records):  # HLR needs hard-label cells
         lines += [
             "Full-data accuracy for hard-label recovery (HLR): the best teacher of the student's architecture "
             "trained here on the whole training split, " + ", ".join(references) + ".",

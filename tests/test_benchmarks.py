@@ -173,6 +173,9 @@ def test_hard_label_recovery_takes_the_best_full_data_teacher(tmp_path):
     assert "the whole training split, ConvNet-64 82.07%." in text
     ddr = next(x for x in text.splitlines() if x.startswith("| fadrm | +"))
     assert ddr.startswith("| fadrm | +6.00 | 40.07 |")  # 82.07 - 42.00, not 78.62 - 42.00
+    # without hard-label cells there is no HLR, and no full-data reference to name
+    path.write_text(json.dumps([r for r in plain if r["labels"] == "soft"]))
+    assert "Full-data accuracy" not in render(path, tmp_path / "benchmarks.md", {}).read_text()
 
 
 def test_grid_evaluates_a_made_set_before_making_the_next():
