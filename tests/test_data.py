@@ -126,6 +126,16 @@ def test_only_the_files_a_subset_keeps_are_extracted(tiny_tree, tmp_path):
         tmp_path / "full", "data.source=imagefolder", f"data.path={tiny_tree}", "data.train_per_class=2", "data.test_per_class=1"
     )
     assert data.digest == full.digest  # the same files, read from the archive or from the folder
+    # file-backed, at a measured resolution: the subset is read first, and the copy kept serves any other subset
+    for overrides, where in (((), "measured"), (("data.resolution=32",), "known")):
+        kept, _ = _prepare(
+            tmp_path / where, "data.source=tar", f"data.path={archive}", "data.cache=off", "data.train_per_class=2", *overrides
+        )
+        assert not kept.cached and kept.digest != data.digest  # all 4 test images per class this time
+        root = kept.dir / kept.manifest["root"]
+        assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg")) == sorted(
+            p.relative_to(tiny_tree).as_posix() for p in tiny_tree.rglob("*.jpg")
+        )
 
 
 def test_tar_archive(tiny_tree, tmp_path):

@@ -128,6 +128,9 @@ class ArchiveTree:
         return f"{self.archive} ({rel}/)" if rel else str(self.archive)
 
 
+Tree = FolderTree | ArchiveTree
+
+
 def _join(rel: str, name: str) -> str:
     return f"{rel}/{name}" if rel else name
 
@@ -137,7 +140,7 @@ def find_root(base: Path) -> Path:
     return Path(base) / tree_root(FolderTree(base))
 
 
-def tree_root(tree: FolderTree | ArchiveTree) -> str:
+def tree_root(tree: Tree) -> str:
     """:func:`find_root` for any tree: the relative path of the folder holding ``train/``."""
     candidates = [""] + sorted(tree.children("")[0])
     candidates += [_join(p, q) for p in candidates[1:] for q in sorted(tree.children(p)[0])]
@@ -147,7 +150,7 @@ def tree_root(tree: FolderTree | ArchiveTree) -> str:
     raise DataError(f"no 'train/' folder in {tree.where('')} (expected train/<class>/<images> with val/ or test/ beside it)")
 
 
-def pick_test_split(tree, root: str, choice: str) -> str:
+def pick_test_split(tree: Tree, root: str, choice: str) -> str:
     options = ("val", "test") if choice == "auto" else (choice,)
     for name in options:
         if tree.is_dir(_join(root, name)):
@@ -156,7 +159,7 @@ def pick_test_split(tree, root: str, choice: str) -> str:
     raise DataError(f"no {wanted} folder beside 'train/' in {tree.where(root)}")
 
 
-def _class_files(tree, folder: str) -> list[str]:
+def _class_files(tree: Tree, folder: str) -> list[str]:
     """The images under ``folder``: hidden names and other suffixes left out."""
     return [
         rel
@@ -165,7 +168,7 @@ def _class_files(tree, folder: str) -> list[str]:
     ]
 
 
-def _class_names(tree, folder: str) -> list[str]:
+def _class_names(tree: Tree, folder: str) -> list[str]:
     return sorted(d for d in tree.children(folder)[0] if not d.startswith("."))
 
 
@@ -177,7 +180,7 @@ def scan(root: Path, test_choice: str = "auto") -> tuple[list[str], dict[str, Sp
     return scan_tree(FolderTree(root), "", test_choice)
 
 
-def scan_tree(tree, root: str, test_choice: str = "auto") -> tuple[list[str], dict[str, SplitFiles]]:
+def scan_tree(tree: Tree, root: str, test_choice: str = "auto") -> tuple[list[str], dict[str, SplitFiles]]:
     """:func:`scan` for any tree, ``root`` the relative path of the folder holding ``train/``; the
     file paths it returns are relative to ``root``."""
     if not tree.is_dir(_join(root, "train")):

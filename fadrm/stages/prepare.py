@@ -100,16 +100,19 @@ def prepare(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
         else:
             with tempfile.TemporaryDirectory(dir=out.parent, prefix=".prepare-scratch-") as scratch:
                 tree = Path(scratch) / "tree"
-                root, classes, files = _raw_files(cfg, tree)
-                if data.resolution or data.source == "builtin":
-                    resolution, resolution_from = _known_resolution(cfg, name)
-                else:
+                known = bool(data.resolution) or data.source == "builtin"
+                resolution, resolution_from = _known_resolution(cfg, name) if known else (None, None)
+                # file-backed (not cached): the whole archive is kept, once, outside the outputs
+                whole = known and not use_cache(data.cache, resolution)
+                root, classes, files = _raw_files(cfg, tree, whole)
+                if not known:
                     resolution, resolution_from = _measured_resolution(root, files)
                 cached = use_cache(data.cache, resolution)
                 extracted = None
                 if not cached and root.is_relative_to(tree):  # file-backed: keep the tree, once, outside the outputs
                     archive = builtin_archive() if data.source == "builtin" else Path(data.path)
-                    safe_extract(archive, tree)  # all of it: the kept copy serves every later subset
+                    if not whole:  # the rest of it: the kept copy serves every later subset
+                        safe_extract(archive, tree, lambda names: [n for n in names if not (tree / n).is_file()])
                     sha = sha256_file(archive)
                     kept = keep_extracted(tree, sha, out.parent / EXTRACTED)
                     root = kept / root.relative_to(tree)
@@ -216,10 +219,10 @@ def _project_path(path: Path, start: Path | None = None) -> str:
     return Path(os.path.relpath(path, Path(start).resolve() if start else Path.cwd())).as_posix()
 
 
-def _raw_files(cfg: Config, extract_to: Path) -> tuple[Path, list[str], dict]:
+def _raw_files(cfg: Config, extract_to: Path, whole: bool) -> tuple[Path, list[str], dict]:
     """The folder holding ``train/``, the classes and the files of each split (the first
     ``train_per_class``/``test_per_class`` of every class). An archive is listed from its members'
-    names and only the files kept are extracted, into ``extract_to``."""
+    names and only the files kept are extracted, into ``extract_to`` (all of them when ``whole``)."""
     data = cfg.data
     if data.source == "imagefolder":
         path = Path(data.path)
@@ -236,6 +239,8 @@ def _raw_files(cfg: Config, extract_to: Path) -> tuple[Path, list[str], dict]:
         found["root"] = tree_root(tree)
         found["classes"], listed = scan_tree(tree, found["root"], data.test_split)
         found["files"] = {split: listing.subset(_limit(data, split)) for split, listing in listed.items()}
+        if whole:
+            return names
         prefix = f"{found['root']}/" if found["root"] else ""
         return [prefix + rel for listing in found["files"].values() for rel in listing.paths]
 
