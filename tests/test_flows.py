@@ -221,7 +221,7 @@ def test_deployment_is_run_by_a_worker(prefect_server, tmp_path):
 
 
 def test_regression_schedule_is_registered(harness, monkeypatch):
-    """`fadrm schedule` against a live Prefect API (the session's test server, in this process)."""
+    """`fadrm schedule` against a live Prefect API (the module's Prefect test server, in this process)."""
     from prefect.client.orchestration import get_client
     from typer.testing import CliRunner
 
