@@ -166,6 +166,13 @@ class RecoverConfig(Section):
         "among the images recovered with it, in equal shares (the batch's easiest quarter -> the easiest quarter's statistics)",
     )
     bn_group_images: int = Field(20000, ge=1, description="real training images (class-balanced sample) behind the groups")
+    topology_weight: float = Field(
+        0.0,
+        ge=0,
+        description="topology alignment (after RETA, components only): weight of the loss that matches each class's "
+        "H0 persistence (minimum-spanning-tree edge lengths) in the teacher's features to that of real images; 0: off (FADRM)",
+    )
+    topology_images: int = Field(200, ge=2, description="real training images per class behind the topology targets")
     batch_size: int = Field(100, ge=1)
     jitter: int | None = Field(None, ge=0, description="circular shift; None: 4 below 128 px, else 32")
     crop_scale: CropScale | None = Field(

@@ -1,9 +1,11 @@
-"""Losses: BatchNorm-statistics matching (a hook written once) and soft-label KL."""
+"""Losses: BatchNorm-statistics matching (a hook written once), the feature set's topology
+(H0 persistence, after RETA's topology alignment) and soft-label KL."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -138,6 +140,117 @@ def grouped_bn_statistics(
         var[empty] = layer.running_var.double()
         out.append((mean.float(), var.float()))
     return out
+
+
+def classifier_head(model: nn.Module) -> nn.Module:
+    """The layer that maps a model's features to its logits: timm's ``get_classifier()``, else the
+    last ``nn.Linear`` in module order (ConvNet's ``classifier``, the CIFAR ResNets' ``head``)."""
+    getter = getattr(model, "get_classifier", None)
+    head = getter() if callable(getter) else None
+    if isinstance(head, nn.Module) and not isinstance(head, nn.Identity):
+        return head
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no linear classifier head to read features from")
+    return linears[-1]
+
+
+class FeatureTap:
+    """Keeps the input of a model's classifier head (its features, flattened) from the last forward."""
+
+    def __init__(self, model: nn.Module):
+        self.last: torch.Tensor | None = None
+        self._handle = classifier_head(model).register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        self.last = inputs[0].flatten(1)
+
+    def pop(self) -> torch.Tensor:
+        features, self.last = self.last, None
+        if features is None:
+            raise RuntimeError("FeatureTap: no forward pass since the last pop")
+        return features
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def mst_lengths(points: torch.Tensor) -> torch.Tensor:
+    """H0 persistence of a point cloud (n x d) under the Rips filtration: the n - 1 death times,
+    which are the edge lengths of its Euclidean minimum spanning tree, sorted ascending.
+
+    Prim's algorithm picks the edges on a detached host copy of the distances (one transfer, no
+    per-edge device sync); the lengths are read from the differentiable distance matrix, so
+    gradients flow to the points (as in topological autoencoders). Distances are in fp32.
+    """
+    n = points.shape[0]
+    if n < 2:
+        return points.new_zeros(0, dtype=torch.float32)
+    dist = torch.cdist(points.float()[None], points.float()[None])[0]
+    d = dist.detach().cpu().double().numpy()
+    inside = np.zeros(n, dtype=bool)
+    inside[0] = True
+    best, parent = d[0].copy(), np.zeros(n, dtype=np.int64)
+    rows, cols = np.empty(n - 1, dtype=np.int64), np.empty(n - 1, dtype=np.int64)
+    for e in range(n - 1):
+        j = int(np.argmin(np.where(inside, np.inf, best)))
+        rows[e], cols[e] = parent[j], j
+        inside[j] = True
+        closer = d[j] < best
+        best[closer], parent[closer] = d[j][closer], j
+    index = torch.from_numpy(rows).to(points.device), torch.from_numpy(cols).to(points.device)
+    return torch.sort(dist[index]).values
+
+
+class TopologyLoss:
+    """Match each class's H0 persistence in feature space to that of real images (RETA's topology
+    alignment, components only: no loops, no persistence images).
+
+    ``real`` holds, per class, the features of real images (under the views recovery uses). For
+    the ``n`` images of a class in a batch, the target is the mean sorted death-time vector of
+    ``draws`` random ``n``-subsets of that class's real features, so a set whose images collapse
+    onto their anchors (short deaths) or scatter (long ones) is pulled towards real spacing. The
+    loss is the squared difference of the two vectors relative to the target's mean length,
+    averaged over deaths and over the classes with at least two images in the batch.
+    """
+
+    def __init__(self, real: dict[int, torch.Tensor], draws: int = 32, seed: tuple[int, ...] = (0,)):
+        self.real, self.draws, self.seed = real, draws, seed
+        self._targets: dict[tuple[int, int], torch.Tensor] = {}
+
+    def target(self, label: int, n: int) -> torch.Tensor:
+        """The mean sorted H0 death times of ``draws`` random ``n``-subsets of class ``label``
+        (seeded by ``label`` and ``n``, so it does not depend on which batches came first)."""
+        key = (label, n)
+        if key not in self._targets:
+            pool = self.real[label]
+            if len(pool) < n:
+                raise ValueError(f"class {label}: {len(pool)} real feature vectors for a set of {n} images")
+            rng = np.random.default_rng([*self.seed, label, n])
+            picks = [torch.from_numpy(rng.permutation(len(pool))[:n]) for _ in range(self.draws)]
+            self._targets[key] = torch.stack([mst_lengths(pool[p.to(pool.device)]) for p in picks]).mean(0)
+        return self._targets[key]
+
+    def bind(self, labels: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per class of a batch (``labels`` on the host) with at least two images: its rows and target."""
+        out = []
+        for label in np.unique(labels):
+            rows = np.flatnonzero(labels == label)
+            if len(rows) >= 2:
+                out.append((torch.from_numpy(rows), self.target(int(label), len(rows))))
+        return out
+
+    @staticmethod
+    def loss(features: torch.Tensor, bound: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The loss of a batch's features against what :meth:`bind` gave for its labels."""
+        if not bound:
+            return features.new_zeros((), dtype=torch.float32)
+        terms = []
+        for rows, target in bound:
+            target = target.to(features.device)
+            deaths = mst_lengths(features[rows.to(features.device)])
+            terms.append(((deaths - target) / target.mean()).pow(2).mean())
+        return torch.stack(terms).mean()
 
 
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

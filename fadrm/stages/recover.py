@@ -8,6 +8,7 @@ f_0..f_{M-1} and a schedule ((r_1, B_1), ..., (r_K, B_K)), T = sum B_k::
         for each global step t:  lr_t = lr0 (1 + cos(pi t / T)) / 2,  teacher m = t mod M
             x~ = jitter(flip(random_resized_crop(x, r_k)))
             L  = ce_weight CE(f_m(x~), y) + lambda_bn sum_l w_l (|mu_l - mu^_l|_2 + |var_l - var^_l|_2)
+                 [+ topology_weight * TopologyLoss(features of f_m(x~), per class)   (off by default)]
             step; clamp x to the valid pixel range
         if k < K:  x <- alpha resize(x, r_{k+1}) + (1 - alpha) resize(P, r_{k+1})     (residual merge)
 
@@ -38,7 +39,7 @@ from fadrm.device import autocast, grad_scaler, resolve_device, resolve_precisio
 from fadrm.distilled import ANCHORS, grid_by_class, load_set, save_set, to_uint8
 from fadrm.efficiency import count_flops
 from fadrm.errors import ConfigError, DivergenceError, MissingInputError
-from fadrm.losses import BNStatsLoss, grouped_bn_statistics
+from fadrm.losses import BNStatsLoss, FeatureTap, TopologyLoss, grouped_bn_statistics
 from fadrm.methods import METHODS, MethodSpec
 from fadrm.models import create_model, has_batchnorm
 from fadrm.numerics import SATURATED, SATURATED_RISE, FiniteWatch, StepGuard, gradients, saturated_share
@@ -198,6 +199,8 @@ class Teacher:
     name: str
     model: nn.Module
     bn: BNStatsLoss
+    tap: FeatureTap | None = None  # its features, for the topology loss (recover.topology_weight > 0)
+    topology: TopologyLoss | None = None
 
 
 def recover_batch(
@@ -228,6 +231,10 @@ def recover_batch(
     low, high = (b.to(device) for b in bounds)
     scaler = grad_scaler(device, precision)
     x = resize(x_init, schedule[0][0]).detach().clone().requires_grad_(True)
+    topology = {}  # per teacher with a topology target: each class's rows in the batch and its target
+    if rc.topology_weight > 0:
+        host_labels = targets.cpu().numpy()
+        topology = {t.name: t.topology.bind(host_labels) for t in teachers if t.topology is not None}
     log: list[list[float]] = []
     step = 0
     pinned_at_start = saturated_share(x_init, low, high)
@@ -266,6 +273,8 @@ def recover_batch(
             ce = F.cross_entropy(logits.float(), targets)
             bn = teacher.bn.pop()
             loss = rc.ce_weight * ce + (rc.bn_weight * bn if bn is not None else 0.0)
+            if teacher.name in topology:
+                loss = loss + rc.topology_weight * TopologyLoss.loss(teacher.tap.pop(), topology[teacher.name])
             if watch is None:
                 if not torch.isfinite(loss):
                     raise DivergenceError(f"recover: loss became {loss.item()} at {at(step)} for images [{who}]; {hint}")
@@ -342,6 +351,8 @@ class Recovery:
         self.anchors = self._anchor_pool(layout) if self.rc.anchor == "nearest" and self.spec.merges else None
         if self.rc.bn_groups > 1:
             self._difficulty_groups()
+        if self.rc.topology_weight > 0:
+            self._topology_targets()
 
     # -- difficulty groups (PSM): BN statistics of real images as hard for the teacher as each image
 
@@ -377,6 +388,35 @@ class Recovery:
                 teacher.bn.use_groups(grouped_bn_statistics(teacher.model, batches, groups))
             teacher.bn.pop()
             self.thresholds[teacher.name] = thresholds
+
+    # -- topology alignment (after RETA): each class's feature-space H0 persistence, as real images'
+
+    def _topology_targets(self) -> None:
+        """Per teacher, the features of ``recover.topology_images`` real training images per class,
+        under the views recovery uses (final resolution), behind each class's topology target."""
+        train, per_class, res = self.data.split("train"), self.rc.topology_images, self.data.resolution
+        largest = max(int(np.bincount(self.labels[idx]).max()) for idx in self.batches)
+        short = [self.data.classes[c] for c in range(self.data.num_classes) if len(train.class_indices(c)) < largest]
+        if per_class < largest or short:
+            where = f"classes {short[:5]} have fewer" if short else f"recover.topology_images={per_class} is fewer"
+            raise ConfigError(
+                f"recover.topology_weight > 0 compares up to {largest} images of a class with as many real ones, but "
+                f"{where} than {largest} real training images; raise recover.topology_images or lower recover.batch_size"
+            )
+        rng = np.random.default_rng([self.cfg.seed, 0x7090])
+        real: dict[str, dict[int, torch.Tensor]] = {t.name: {} for t in self.teachers}
+        for teacher in self.teachers:
+            teacher.tap = FeatureTap(teacher.model)
+        for c in range(self.data.num_classes):
+            idx = np.sort(rng.permutation(train.class_indices(c))[:per_class])
+            views = recovery_view(self.data.to_input(train.load(idx, res), self.device), res, self.crop_scale, self.jitter, rng)
+            for teacher in self.teachers:
+                with torch.no_grad(), autocast(self.device, self.precision):
+                    teacher.model(views)
+                teacher.bn.pop()
+                real[teacher.name][c] = teacher.tap.pop().float()
+        for i, teacher in enumerate(self.teachers):
+            teacher.topology = TopologyLoss(real[teacher.name], seed=(self.cfg.seed, i))
 
     def _groups_of(self, teacher: Teacher, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         losses = self._losses(teacher, x, targets)
@@ -516,6 +556,8 @@ class Recovery:
     def close(self) -> None:
         for teacher in self.teachers:
             teacher.bn.remove()
+            if teacher.tap is not None:
+                teacher.tap.remove()
 
 
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> float | None:
