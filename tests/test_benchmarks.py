@@ -251,3 +251,20 @@ def test_grid_records_carry_the_baseline_a_variant_names():
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "benchmarks/grid.py", "run", "--baseline", "cpu"], cwd=root, capture_output=True, text=True)
     assert done.returncode == 2 and "--baseline needs --variant" in done.stderr
+
+
+def test_topology_spacing_compares_each_stage_with_one_real_reference(tiny_run):
+    """benchmarks/topology.py on the tiny run: both stages against the same real subsets; a set of
+    real images sits near ratio 1 (the tiny run's initial patches are real crops)."""
+    import torch
+
+    from fadrm.stage import Layout
+    from topology import measure, render
+
+    cfg, _ = tiny_run
+    cell = Layout.of(cfg).stage("select").parent
+    records = measure(cell, real=50, draws=20, device=torch.device("cpu"))
+    assert [r["stage"] for r in records] == ["select", "recover"] and {r["ipc"] for r in records} == {2}
+    assert records[0]["real_mst_sum"] == records[1]["real_mst_sum"] > 0
+    assert 0.3 < records[0]["ratio"] < 1.7
+    assert "| 1 |" in render(records)
