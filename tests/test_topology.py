@@ -16,9 +16,9 @@ from fadrm.errors import ConfigError
 from fadrm.losses import BNStatsLoss, FeatureTap, TopologyLoss, classifier_head, mst_lengths
 from fadrm.models import create_model
 from fadrm.stages import recover as recover_module
-from fadrm.stages.recover import Teacher, recover_batch
+from fadrm.stages.recover import Teacher
 
-from .test_recover import HIGH, LABELS, LOW, PixelBlind, images
+from .test_recover import LABELS, PixelBlind, images, run
 
 
 def kruskal(points: np.ndarray) -> list[float]:
@@ -118,23 +118,6 @@ def _topology_teacher(weight_seed: int = 0) -> Teacher:
     return Teacher("t0", model, BNStatsLoss(model), FeatureTap(model), TopologyLoss(real))
 
 
-def _run(rc: RecoverConfig, teacher: Teacher):
-    bounds = (torch.full((1, 3, 1, 1), LOW), torch.full((1, 3, 1, 1), HIGH))
-    return recover_batch(
-        images(),
-        LABELS,
-        [teacher],
-        rc.schedule,
-        rc,
-        merges=True,
-        bounds=bounds,
-        jitter_limit=3,
-        crop_scale=(1.0, 1.0),
-        precision="fp32",
-        rng=np.random.default_rng(0),
-    )
-
-
 def test_recovery_adds_the_weighted_topology_term_and_lowers_it():
     """With CE and BN weighted 0 the logged loss is the topology term alone (class 1 has two images
     in the batch): it is the weight times the loss of the teacher's features, and recovery lowers it."""
@@ -145,11 +128,11 @@ def test_recovery_adds_the_weighted_topology_term_and_lowers_it():
         teacher.model(x)
     teacher.bn.pop()
     expected = 2.0 * TopologyLoss.loss(teacher.tap.pop(), teacher.topology.bind(LABELS.numpy()))
-    out, log = _run(rc, teacher)
+    out, log = run(x, rc, [teacher])
     assert log[0][1] == pytest.approx(expected.item(), rel=1e-5)  # a pixel-blind teacher: the view is the image
     assert log[-1][1] < 0.8 * log[0][1]  # (the pixel range bounds how far two images' features can move)
     assert (out - x).abs().max() > 0.05
-    off, log_off = _run(rc.model_copy(update={"topology_weight": 0.0}), _topology_teacher())
+    off, log_off = run(x, rc.model_copy(update={"topology_weight": 0.0}), [_topology_teacher()])
     assert all(row[1] == 0 for row in log_off) and torch.equal(off, x)  # weight 0: the term is gone
 
 
