@@ -257,9 +257,9 @@ def test_topology_spacing_compares_each_stage_with_one_real_reference(tiny_run):
     """benchmarks/topology.py on the tiny run: both stages against the same real subsets; a set of
     real images sits near ratio 1 (the tiny run's initial patches are real crops)."""
     import torch
+    from topology import measure, render
 
     from fadrm.stage import Layout
-    from topology import measure, render
 
     cfg, _ = tiny_run
     cell = Layout.of(cfg).stage("select").parent
