@@ -50,7 +50,7 @@ def class_sums(points: torch.Tensor, labels: np.ndarray) -> list[float]:
 def measure(cell: Path, real: int, draws: int, device) -> list[dict]:
     from fadrm.data.prepared import Prepared
     from fadrm.distilled import load_set
-    from fadrm.losses import FeatureTap
+    from fadrm.losses import FeatureTap, mst_lengths
     from fadrm.teachers import load_teachers
 
     data = Prepared(cell / "prepare")
@@ -61,27 +61,16 @@ def measure(cell: Path, real: int, draws: int, device) -> list[dict]:
     for c in range(data.num_classes):
         idx = np.sort(rng.permutation(train.class_indices(c))[:real])
         pools[c] = features(model, tap, data, train.load(idx, data.resolution), device)
-    references: dict[int, list[float]] = {}  # per set size: each class's mean sum over real subsets
-
-    def reference(ipc: int) -> list[float]:
-        if ipc not in references:
-            draw = np.random.default_rng([1, ipc])
-            references[ipc] = [
-                statistics.fmean(
-                    class_sums(
-                        torch.cat([pool[draw.permutation(len(pool))[:ipc]] for _ in range(draws)]), np.repeat(np.arange(draws), ipc)
-                    )
-                )
-                for pool in pools.values()
-            ]
-        return references[ipc]
-
+    sets = {stage: load_set(cell / stage) for stage in ("select", "recover")}
+    ipc = int(np.bincount(sets["select"][1]).max())
+    draw = np.random.default_rng([1, ipc])  # each class's mean sum over random real subsets of the set's size
+    want = [
+        statistics.fmean(mst_lengths(pool[draw.permutation(len(pool))[:ipc]]).sum().item() for _ in range(draws))
+        for pool in pools.values()
+    ]
     records = []
-    for stage in ("select", "recover"):
-        images, labels, manifest = load_set(cell / stage)
-        ipc = int(np.bincount(labels).max())
+    for stage, (images, labels, manifest) in sets.items():
         got = class_sums(features(model, tap, data, images, device), labels)
-        want = reference(ipc)
         records.append(
             {
                 "cell": str(cell.relative_to(ROOT)) if cell.is_relative_to(ROOT) else str(cell),
