@@ -27,11 +27,13 @@ import argparse
 import concurrent.futures as futures
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import platform
 import shlex
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -279,8 +281,23 @@ def _device_name(cfg: Config) -> str:
 
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
+    _exit_with_parent()
     # the workers share the grid's log: a line per job every few minutes, named after its cell
     os.environ.setdefault("FADRM_PROGRESS_INTERVAL", str(WORKER_PROGRESS_INTERVAL))
+
+
+def _exit_with_parent() -> None:
+    """End this worker the moment its grid process is gone (killed, timed out), instead of letting it finish its
+    cell unseen and write into a folder that the next run of the grid is already remaking."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="grid-parent-watch", daemon=True).start()
 
 
 def run(args) -> None:

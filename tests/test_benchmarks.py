@@ -1,6 +1,7 @@
 """The benchmark report's arithmetic: mean ± std over seeds and DD-Ranking's scores."""
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -193,6 +194,58 @@ def test_grid_evaluates_a_made_set_before_making_the_next():
         ("set", ("fadrm", 10, 1)),
     ]
     assert ready == [] and waiting == []
+
+
+def _process_state(pid: int) -> str | None:
+    """The state letter of a Linux process (R, S, Z, ...), None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+GRID_POOL = """
+import multiprocessing, os, sys, time
+from concurrent import futures
+sys.path.insert(0, sys.argv[1])
+import grid
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(1, mp_context=context, initializer=grid._init_worker, initargs=(1,)) as pool:
+        print(pool.submit(os.getpid).result(), flush=True)
+        pool.submit(time.sleep, 600).result()  # a long cell
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_grid_workers_stop_when_the_grid_is_killed(tmp_path):
+    """A grid killed mid-cell (kill, `timeout`, a scheduler) takes its workers with it: none goes on training
+    unseen and writing into a cell folder that the next run of the grid is already remaking."""
+    import signal
+    import subprocess
+    import time
+
+    script = tmp_path / "pool.py"
+    script.write_text(GRID_POOL)
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    log = (tmp_path / "pool.log").open("w")  # the killed grid's resource tracker complains there
+    grid = subprocess.Popen([sys.executable, str(script), str(benchmarks)], stdout=subprocess.PIPE, stderr=log, text=True)
+    worker = None
+    try:
+        worker = int(grid.stdout.readline())
+        assert _process_state(worker) not in (None, "Z")  # busy with its long cell
+        grid.send_signal(signal.SIGKILL)  # no clean shutdown: the worker is orphaned
+        grid.wait()
+        deadline = time.monotonic() + 60
+        while _process_state(worker) not in (None, "Z") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _process_state(worker) in (None, "Z"), "the worker outlived its grid"
+    finally:
+        grid.kill()
+        if worker and _process_state(worker) not in (None, "Z"):
+            os.kill(worker, signal.SIGKILL)
 
 
 @pytest.mark.slow
