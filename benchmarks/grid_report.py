@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -80,6 +81,65 @@ def summarise(records: list[dict], teachers: dict[str, dict]) -> dict:
             row["lrs"] = lrs(row["ior"], row["hlr"])
         out[(ipc, method, student)] = row
     return out
+
+
+def accuracy_series(records: list[dict]) -> dict[str, dict[str, dict[int, dict[str, list[float]]]]]:
+    """What the figure plots, from the plain soft-label cells, in points:
+    {student: {method: {ipc: {"top1": [per seed], "gain": [minus random images of the same seed]}}}}."""
+    acc = _by_seed([r for r in records if not r.get("variant") and r["labels"] == "soft"])
+    out: dict = defaultdict(lambda: defaultdict(dict))
+    for _, ipc, method, student, _ in sorted(acc, key=lambda k: (k[3], METHODS.index(k[2]) if k[2] in METHODS else 99, k[1])):
+        seeds = acc[("", ipc, method, student, "soft")]
+        random = acc.get(("", ipc, "random", student, "soft"), {})
+        out[student][method][ipc] = {
+            "top1": [100 * seeds[s] for s in sorted(seeds)],
+            "gain": [100 * g for g in paired(seeds, random)] if method != "random" else [],
+        }
+    return {student: dict(methods) for student, methods in out.items()}
+
+
+def plot_accuracy(records: list[dict], path: Path) -> Path | None:
+    """A PNG: per student, top-1 by IPC for each method (mean ± std over seeds, each seed a dot) above
+    its gain over random real images of the same seed. None when there is nothing to plot."""
+    series = accuracy_series(records)
+    if not series:
+        return None
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display
+
+    students = [s for s in STUDENT_NAMES if s in series] + [s for s in series if s not in STUDENT_NAMES]
+    ipcs = sorted({ipc for methods in series.values() for cells in methods.values() for ipc in cells})
+    fig = Figure(figsize=(4.6 * len(students), 7.0), dpi=100)
+    axes = fig.subplots(2, len(students), squeeze=False, sharex=True)
+    for column, student in enumerate(students):
+        top, gain = axes[0][column], axes[1][column]
+        methods = [m for m in METHODS if m in series[student]]
+        for k, method in enumerate(methods):
+            cells = series[student][method]
+            shift = 0.05 * (k - (len(methods) - 1) / 2)  # side by side, so error bars do not hide each other
+            color = "0.45" if method == "random" else f"C{k}"
+            for ax, field in ((top, "top1"), (gain, "gain")):
+                points = [(ipcs.index(ipc) + shift, cells[ipc][field]) for ipc in ipcs if cells.get(ipc, {}).get(field)]
+                if not points:
+                    continue
+                xs = [x for x, _ in points]
+                means = [statistics.mean(v) for _, v in points]
+                stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points]
+                ax.errorbar(xs, means, yerr=stds, color=color, marker="o", markersize=4, capsize=3, label=method)
+                for x, values in points:
+                    ax.scatter([x] * len(values), values, color=color, s=8, alpha=0.35, linewidths=0)
+        top.set_title(f"{STUDENT_NAMES.get(student, student)} student, soft labels")
+        top.set_ylabel("top-1 (%)")
+        gain.axhline(0.0, color="0.45", linewidth=1, linestyle="--")
+        gain.set_ylabel("minus random real images, same seed (points)")
+        gain.set_xlabel("images per class (IPC)")
+        gain.set_xticks(range(len(ipcs)), [str(ipc) for ipc in ipcs])
+        for ax in (top, gain):
+            ax.grid(alpha=0.3)
+        top.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, metadata={"Software": None})  # the same records give the same bytes
+    return path
 
 
 def _by_variant(records: list[dict]) -> dict[str, list[dict]]:
@@ -228,6 +288,10 @@ def render(records_path: Path, md_path: Path, teachers: dict[str, dict]) -> Path
             "trained here on the whole training split, " + ", ".join(references) + ".",
             "",
         ]
+    figure = plot_accuracy(records, Path(records_path).with_suffix(".png"))
+    if figure is not None:
+        link = os.path.relpath(figure, Path(md_path).parent)
+        lines += [f"![Top-1 by IPC and method, and each method minus random real images of the same seed]({link})", ""]
     for ipc in sorted({k[0] for k in rows}):
         lines += [
             f"## IPC {ipc}",

@@ -50,6 +50,43 @@ def test_report_shows_mean_std_and_n(tmp_path):
     assert "python benchmarks/grid.py run" in text and "IOR" in text
 
 
+def test_figure_plots_top1_and_the_gain_over_random_of_the_same_seed():
+    from grid_report import accuracy_series
+
+    records = _records() + [
+        # a third FADRM seed without its random images: in the top-1 series, not in the paired gain
+        {"method": "fadrm", "ipc": 10, "seed": 2, "student": "convnet", "labels": "soft", "top1": 0.70},
+        {"method": "fadrm", "ipc": 10, "seed": 0, "student": "convnet", "labels": "soft", "top1": 0.10, "variant": "v"},
+        {"method": "fadrm", "ipc": 50, "seed": 0, "student": "convnet", "labels": "soft", "top1": 0.10, "variant": "v"},
+    ]
+    series = accuracy_series(records)
+    fadrm = series["convnet"]["fadrm"][10]
+    assert fadrm["top1"] == pytest.approx([56.0, 58.0, 70.0])  # soft labels only, no variant, in points
+    assert fadrm["gain"] == pytest.approx([6.0, 6.0])  # seed by seed against random's 50 and 52
+    assert series["convnet"]["random"][10] == {"top1": pytest.approx([50.0, 52.0]), "gain": []}
+    assert set(series["convnet"]["fadrm"]) == {10}  # a variant's cells are not the method's
+
+
+def test_report_shows_the_figure(tmp_path):
+    import json
+
+    from PIL import Image
+
+    (tmp_path / "docs").mkdir()
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps([]))
+    assert "![" not in render(path, tmp_path / "docs" / "benchmarks.md", {}).read_text()  # nothing to plot yet
+    path.write_text(json.dumps(_records()))
+    text = render(path, tmp_path / "docs" / "benchmarks.md", {}).read_text()
+    figure = tmp_path / "records.png"
+    assert "](../records.png)" in text  # linked relative to the page
+    with Image.open(figure) as image:
+        assert image.format == "PNG" and image.width > 400 and image.height > 400
+    first = figure.read_bytes()
+    render(path, tmp_path / "docs" / "benchmarks.md", {})
+    assert figure.read_bytes() == first  # the same records, the same picture
+
+
 def test_report_names_the_machines_of_each_row(tmp_path):
     import json
 
