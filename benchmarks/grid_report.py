@@ -116,7 +116,7 @@ def plot_accuracy(records: list[dict], path: Path) -> Path | None:
         for k, method in enumerate(methods):
             cells = series[student][method]
             shift = 0.05 * (k - (len(methods) - 1) / 2)  # side by side, so error bars do not hide each other
-            color = "0.45" if method == "random" else f"C{k}"
+            color = "0.45" if method == "random" else f"C{METHODS.index(method)}"  # one colour per method everywhere
             for ax, field in ((top, "top1"), (gain, "gain")):
                 points = [(ipcs.index(ipc) + shift, cells[ipc][field]) for ipc in ipcs if cells.get(ipc, {}).get(field)]
                 if not points:

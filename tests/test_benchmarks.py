@@ -251,8 +251,12 @@ import grid
 if __name__ == "__main__":
     context = multiprocessing.get_context("spawn")
     with futures.ProcessPoolExecutor(1, mp_context=context, initializer=grid._init_worker, initargs=(1,)) as pool:
-        print(pool.submit(os.getpid).result(), flush=True)
-        pool.submit(time.sleep, 600).result()  # a long cell
+        worker = pool.submit(os.getpid).result()
+        cell = pool.submit(time.sleep, 600)  # a long cell
+        while not cell.running():
+            time.sleep(0.01)
+        print(worker, flush=True)
+        cell.result()
 """
 
 
@@ -267,8 +271,8 @@ def test_grid_workers_stop_when_the_grid_is_killed(tmp_path):
     script = tmp_path / "pool.py"
     script.write_text(GRID_POOL)
     benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
-    log = (tmp_path / "pool.log").open("w")  # the killed grid's resource tracker complains there
-    grid = subprocess.Popen([sys.executable, str(script), str(benchmarks)], stdout=subprocess.PIPE, stderr=log, text=True)
+    with (tmp_path / "pool.log").open("w") as log:  # the killed grid's resource tracker complains there
+        grid = subprocess.Popen([sys.executable, str(script), str(benchmarks)], stdout=subprocess.PIPE, stderr=log, text=True)
     worker = None
     try:
         worker = int(grid.stdout.readline())
@@ -281,6 +285,7 @@ def test_grid_workers_stop_when_the_grid_is_killed(tmp_path):
         assert _process_state(worker) in (None, "Z"), "the worker outlived its grid"
     finally:
         grid.kill()
+        grid.stdout.close()
         if worker and _process_state(worker) not in (None, "Z"):
             os.kill(worker, signal.SIGKILL)
 
