@@ -88,8 +88,7 @@ def accuracy_series(records: list[dict]) -> dict[str, dict[str, dict[int, dict[s
     {student: {method: {ipc: {"top1": [per seed], "gain": [minus random images of the same seed]}}}}."""
     acc = _by_seed([r for r in records if not r.get("variant") and r["labels"] == "soft"])
     out: dict = defaultdict(lambda: defaultdict(dict))
-    for _, ipc, method, student, _ in sorted(acc, key=lambda k: (k[3], METHODS.index(k[2]) if k[2] in METHODS else 99, k[1])):
-        seeds = acc[("", ipc, method, student, "soft")]
+    for (_, ipc, method, student, _), seeds in acc.items():
         random = acc.get(("", ipc, "random", student, "soft"), {})
         out[student][method][ipc] = {
             "top1": [100 * seeds[s] for s in sorted(seeds)],
@@ -122,8 +121,7 @@ def plot_accuracy(records: list[dict], path: Path) -> Path | None:
                 if not points:
                     continue
                 xs = [x for x, _ in points]
-                means = [statistics.mean(v) for _, v in points]
-                stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points]
+                means, stds, _ = zip(*(_stats(values) for _, values in points), strict=True)
                 ax.errorbar(xs, means, yerr=stds, color=color, marker="o", markersize=4, capsize=3, label=method)
                 for x, values in points:
                     ax.scatter([x] * len(values), values, color=color, s=8, alpha=0.35, linewidths=0)
