@@ -19,6 +19,9 @@ hard-label recovery). Each finished piece is a folder with a `done.json`, so a r
 and every evaluation is a record in docs/benchmarks/cifar10-cpu.json (a JSON list: method, ipc,
 seed, student, labels, top1 as a fraction, ...). With tracking on, the run is one MLflow parent
 run with a child run per evaluation. `--workers N` evaluates N cells at once (processes).
+Stopped early (Ctrl-C, SIGTERM), the grid ends the cells in progress at once and closes its runs
+KILLED (FAILED on an error), keeping the records made so far; a grid killed outright has its runs
+closed KILLED by the next one on the host.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -316,7 +320,9 @@ def run(args) -> None:
     client, parent = _open_parent(args) if args.track else (None, None)
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     context = multiprocessing.get_context("spawn")
-    with futures.ProcessPoolExecutor(args.workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+    pool = futures.ProcessPoolExecutor(args.workers, mp_context=context, initializer=_init_worker, initargs=(threads,))
+    on_sigterm = signal.signal(signal.SIGTERM, _terminated)
+    try:
         # The costly sets (recovery) start first; a set's evaluations go before any set not yet started,
         # so results arrive set by set instead of after every set is made.
         waiting = sorted({e[:3] for e in todo}, key=lambda c: (-SET_COST.get(c[0], 0), c[1], c[2]))
@@ -340,10 +346,49 @@ def run(args) -> None:
                 records[_key(record)] = {**record, "command": args.command}
                 write_json(args.records, sorted(records.values(), key=_order))
                 print(f"{_key(record)}: top-1 {100 * record['top1']:.2f}%", flush=True)
+    except BaseException as exc:
+        _stop_workers(pool)
+        if parent:
+            _close_parent(client, parent, args.records, exc)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    pool.shutdown()
     if parent:
         client.log_artifact(parent, str(args.records))
         client.set_terminated(parent, "FINISHED")
     print(f"wrote {render(args.records, args.report, _teacher_figures(args))}")
+
+
+class Terminated(KeyboardInterrupt):
+    """The grid was sent SIGTERM (`kill`, `timeout`, a scheduler): stop like Ctrl-C does."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def _stop_workers(pool: futures.ProcessPoolExecutor) -> None:
+    """End the cells in progress now instead of waiting for them (a cell can take an hour): the grid is stopping."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    workers = multiprocessing.active_children()
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.join(timeout=30)
+
+
+def _close_parent(client, parent: str, records: Path, exc: BaseException) -> None:
+    """A grid that stops early says so in MLflow: its parent run ends KILLED (interrupted) or FAILED with the
+    error, keeps the records made so far, and the runs of the cells it cut short end KILLED."""
+    from fadrm.tracking import close_dead_runs, fail_run
+
+    try:
+        if records.is_file():
+            client.log_artifact(parent, str(records))
+        close_dead_runs(client, client.get_run(parent).info.experiment_id)
+    finally:
+        fail_run(client, parent, exc)
 
 
 def _next_jobs(ready: list, waiting: list, running: int, workers: int) -> list[tuple[str, tuple]]:
@@ -376,14 +421,15 @@ def _teacher_figures(args) -> dict[str, dict]:
 
 def _open_parent(args):
     """The MLflow client and a new parent run for this invocation of the grid."""
-    from fadrm.tracking import connect
+    from fadrm.tracking import close_dead_runs, connect, owner_tags
 
     client, experiment_id = connect(base_config(args, args.out))
     run = client.create_run(
         experiment_id,
         run_name=f"benchmark grid {time.strftime('%Y-%m-%d %H:%M')}",
-        tags={"fadrm.kind": "benchmark", "fadrm.command": args.command[:5000]},
+        tags={"fadrm.kind": "benchmark", "fadrm.command": args.command[:5000], **owner_tags()},
     )
+    close_dead_runs(client, experiment_id)  # a grid killed outright (SIGKILL, power) left its runs RUNNING
     return client, run.info.run_id
 
 
@@ -435,8 +481,12 @@ def main() -> None:
         raise SystemExit(f"no dataset at {args.data}")
     if args.what == "teachers":
         train_teachers(args)
-    else:
+        return
+    try:
         run(args)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Terminated
+        print(f"grid stopped ({exc or 'interrupted'}): the cells finished so far are in {args.records}; a rerun skips them")
+        raise SystemExit(143 if isinstance(exc, Terminated) else 130) from None
 
 
 if __name__ == "__main__":

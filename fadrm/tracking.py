@@ -144,7 +144,7 @@ class MlflowTracker:
         try:
             yield tracker
         except BaseException as exc:
-            _fail(self.client, child.info.run_id, exc)
+            fail_run(self.client, child.info.run_id, exc)
             raise
         self.client.set_terminated(child.info.run_id, "FINISHED")
 
@@ -192,7 +192,8 @@ def _param_value(value: Any) -> str:
     return text[:MAX_PARAM]
 
 
-def _fail(client, run_id: str, exc: BaseException) -> None:
+def fail_run(client, run_id: str, exc: BaseException) -> None:
+    """Close a run FAILED (KILLED for an interrupt) with the error as its `fadrm.error` tag."""
     message = f"{type(exc).__name__}: {exc}"[:5000]
     client.set_tag(run_id, "fadrm.error", message)
     client.set_terminated(run_id, "FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED")
@@ -245,7 +246,7 @@ def open_tracker(
         yield tracker
     except BaseException as exc:
         if owns_parent:
-            _fail(client, parent_run_id, exc)
+            fail_run(client, parent_run_id, exc)
         raise
     if owns_parent:
         record_lineage(tracker, cfg, since=started)

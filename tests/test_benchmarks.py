@@ -290,6 +290,95 @@ def test_grid_workers_stop_when_the_grid_is_killed(tmp_path):
             os.kill(worker, signal.SIGKILL)
 
 
+def _toy_grid(tmp_path: Path) -> list[str]:
+    """The grid's arguments for one toy cell on the built-in subset."""
+    return [
+        *("--preset tiny --data fadrm/assets/cifar10-mini.tar.gz --teacher-archs convnet".split()),
+        *("--ipc 1 --seeds 0 --students convnet --labels soft --methods fadrm".split()),
+        *("-S squeeze.epochs=1 -S relabel.epochs=2 -S recover.iterations=2".split()),
+        *("--out", str(tmp_path / "grid"), "--records", str(tmp_path / "records.json"), "--report", str(tmp_path / "b.md")),
+    ]
+
+
+@pytest.mark.slow
+def test_a_grid_stopped_mid_cell_closes_its_mlflow_runs(tmp_path):
+    """SIGTERM (`timeout`, a scheduler, `kill`) while a cell trains: the grid stops at once instead of finishing
+    its cells, and MLflow shows what happened: the parent run KILLED with the reason, the cut-short cell KILLED,
+    nothing left RUNNING."""
+    import signal
+    import subprocess
+    import time
+
+    from mlflow import MlflowClient
+
+    root = Path(__file__).resolve().parents[1]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "FADRM_PROGRESS": "0"}
+    args = _toy_grid(tmp_path)
+    made = subprocess.run([sys.executable, "benchmarks/grid.py", "teachers", *args, "--no-track"], cwd=root, env=env)
+    assert made.returncode == 0
+    client = MlflowClient(uri)
+    client.search_experiments()  # the store's tables exist before two processes use it
+    # a student that would train for hours
+    long = [*args, "-S", "evaluate.epochs=100000"]
+    grid = subprocess.Popen(
+        [sys.executable, "benchmarks/grid.py", "run", *long],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        cell = None
+        deadline = time.monotonic() + 300
+        while cell is None and time.monotonic() < deadline and grid.poll() is None:
+            time.sleep(1)
+            experiments = [e.experiment_id for e in client.search_experiments()]
+            runs = client.search_runs(experiments, "tags.`fadrm.kind` = 'benchmark-cell'") if experiments else []
+            cell = runs[0] if runs else None
+        assert cell is not None and cell.info.status == "RUNNING", grid.stdout.read() if grid.poll() is not None else "no cell started"
+        time.sleep(2)  # into its training
+        grid.send_signal(signal.SIGTERM)
+        out, _ = grid.communicate(timeout=120)  # not the hours the cell would take
+    finally:
+        grid.kill()
+    assert grid.returncode == 143, out[-2000:]
+    assert "grid stopped (stopped by signal SIGTERM)" in out
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (parent,) = client.search_runs(experiments, "tags.`fadrm.kind` = 'benchmark'")
+    assert parent.info.status == "KILLED"
+    assert "SIGTERM" in parent.data.tags["fadrm.error"]
+    assert client.get_run(cell.info.run_id).info.status == "KILLED"
+    assert not client.search_runs(experiments, "attributes.status = 'RUNNING'")
+
+
+def test_the_next_grid_closes_the_runs_of_one_killed_outright(tmp_path, monkeypatch):
+    """A grid killed with SIGKILL cannot close its parent run: the next grid on this host marks it KILLED."""
+    import argparse
+    import subprocess
+
+    from grid import _open_parent
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    args = argparse.Namespace(preset="tiny", out=str(tmp_path), data=str(tmp_path), device="cpu", set=[], command="grid.py run")
+    root = Path(__file__).resolve().parents[1]
+    opens_and_dies = (
+        "import argparse, os, sys; sys.path.insert(0, 'benchmarks'); from grid import _open_parent; "
+        f"_, run = _open_parent(argparse.Namespace(**{vars(args)!r})); print(run, flush=True); os._exit(9)"
+    )
+    dead = subprocess.run([sys.executable, "-c", opens_and_dies], cwd=root, capture_output=True, text=True)
+    killed = dead.stdout.strip()
+    assert dead.returncode == 9 and killed, dead.stderr[-2000:]
+    client = MlflowClient(uri)
+    assert client.get_run(killed).info.status == "RUNNING"
+    _, alive = _open_parent(args)
+    assert client.get_run(killed).info.status == "KILLED"
+    assert client.get_run(alive).info.status == "RUNNING"
+
+
 @pytest.mark.slow
 def test_grid_records_plain_and_variant_cells_and_skips_them_on_a_rerun(tmp_path):
     """benchmarks/grid.py end to end on the built-in subset at toy settings: a plain cell, then a named
