@@ -149,13 +149,33 @@ def _by_variant(records: list[dict]) -> dict[str, list[dict]]:
 
 
 def _teachers_of(records: list[dict]) -> dict[str, dict]:
-    """{arch: {"top1": ...}} from the records' teachers (named ``<i>-<arch>`` by squeeze): per architecture
-    the top-1 most records carry (a teacher re-measured on another machine moves by a few hundredths)."""
+    """{arch: {"top1": ..., "elsewhere": {top1: [device, ...]}}} from the records' teachers (named ``<i>-<arch>``
+    by squeeze): per architecture the top-1 most records carry, and the other figures the same teacher file
+    (same sha256) got when it was measured again on another machine (bf16 on a GPU, fp32 on CPUs)."""
     tops: dict[str, list[float]] = defaultdict(list)
+    measured: dict[str, dict[float, set]] = defaultdict(lambda: defaultdict(set))  # arch -> top1 -> (sha, device)
     for r in records:
+        shas = r.get("teacher_sha256") or {}
         for name, top1 in (r.get("teachers") or {}).items():
-            tops[name.split("-", 1)[-1]].append(top1)
-    return {arch: {"top1": max(set(v), key=v.count)} for arch, v in tops.items()}
+            arch = name.split("-", 1)[-1]
+            tops[arch].append(top1)
+            measured[arch][top1].add((shas.get(name), r.get("device", "?")))
+    figures = {}
+    for arch, values in tops.items():
+        top1 = max(set(values), key=values.count)
+        files = {sha for sha, _ in measured[arch][top1]}
+        elsewhere = {
+            other: sorted({device for sha, device in where if sha in files})
+            for other, where in measured[arch].items()
+            if other != top1 and any(sha in files for sha, _ in where)
+        }
+        figures[arch] = {"top1": top1, "elsewhere": {k: v for k, v in sorted(elsewhere.items()) if v}}
+    return figures
+
+
+def _teacher_figure(arch: str, figure: dict) -> str:
+    again = "; ".join(f"{100 * top1:.2f}% on {', '.join(devices)}" for top1, devices in figure.get("elsewhere", {}).items())
+    return f"{ARCH_NAMES.get(arch, arch)} {100 * figure['top1']:.2f}%" + (f" (measured again: {again})" if again else "")
 
 
 def _full_data(records: list[dict]) -> dict[str, dict]:
@@ -275,7 +295,7 @@ def render(records_path: Path, md_path: Path, teachers: dict[str, dict]) -> Path
     if teachers:
         lines += [
             "Teachers (full training split, hard labels with smoothing 0.1, `fadrm squeeze`): "
-            + ", ".join(f"{ARCH_NAMES.get(a, a)} {100 * t['top1']:.2f}%" for a, t in teachers.items())
+            + ", ".join(_teacher_figure(a, t) for a, t in teachers.items())
             + ".",
             "",
         ]

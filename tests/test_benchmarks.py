@@ -197,6 +197,21 @@ def test_a_fadrm_plus_row_names_every_teacher_that_differs(tmp_path):
     assert rows["fadrm+"].endswith("| teachers convnet 82.07%, resnet18 85.62% |")
 
 
+def test_teacher_line_names_the_figures_one_teacher_got_on_other_machines(tmp_path):
+    """One teacher file measured on a GPU (bf16) and on CPUs (fp32) gets two top-1s a few hundredths apart: the
+    header gives the one most cells carry and names the other with its machine; another file is not one of them."""
+    import json
+
+    def cell(seed, top1, sha, device):
+        return {**_records()[0], "seed": seed, "device": device, "teachers": {"0-convnet": top1}, "teacher_sha256": {"0-convnet": sha}}
+
+    records = [cell(0, 0.7862, "aa", "H200"), cell(1, 0.7862, "aa", "H200"), cell(2, 0.7871, "aa", "cpu x2")]
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(records + [cell(3, 0.7000, "bb", "cpu x2")]))
+    text = render(path, tmp_path / "benchmarks.md", {}).read_text()
+    assert "`fadrm squeeze`): ConvNet-64 78.62% (measured again: 78.71% on cpu x2)." in text
+
+
 def test_hard_label_recovery_takes_the_best_full_data_teacher(tmp_path):
     """The plain cells' teacher is cut short on purpose (the preset's 6 epochs): HLR measures against the
     best teacher of the student's architecture in the records, and the header names both."""
