@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "docs" / "benchmarks" / "topology.json"
 DOC = ROOT / "docs" / "topology.md"
+GRID_RECORDS = ROOT / "docs" / "benchmarks" / "cifar10-cpu.json"
+NOT_RECOVERED = ("random", "rded")  # their `recover` output is their selection, measured once as `select`
 
 
 @torch.no_grad()
@@ -89,26 +91,36 @@ def measure(cell: Path, real: int, draws: int, device) -> list[dict]:
     return records
 
 
-def group_of(record: dict) -> str:
-    """The cell's name without its seed: `variants/X/sets/fadrm-ipc10-s0` -> `X fadrm-ipc10`."""
+def renamed_variants(grid_records: Path = GRID_RECORDS) -> frozenset[str]:
+    """Variant folders whose cells became the grid's plain cells (their records carry ``renamed_from``)."""
+    records = json.loads(grid_records.read_text()) if grid_records.is_file() else []
+    return frozenset(r["renamed_from"] for r in records if r.get("renamed_from") and not r.get("variant"))
+
+
+def group_of(record: dict, plain: frozenset[str] = frozenset()) -> str:
+    """The cell's name without its seed, under the grid's current names: `variants/X/sets/fadrm-ipc10-s0` ->
+    `X fadrm-ipc10`, `plain fadrm-ipc10` for a plain cell or one of a variant in ``plain``."""
     parts = Path(record["cell"]).parts
-    variant = parts[parts.index("variants") + 1] if "variants" in parts else "-"
-    return f"{variant} {parts[-1].rsplit('-s', 1)[0]}"
+    variant = parts[parts.index("variants") + 1] if "variants" in parts else None
+    return f"{'plain' if variant is None or variant in plain else variant} {parts[-1].rsplit('-s', 1)[0]}"
 
 
-def render(records: list[dict]) -> str:
+def render(records: list[dict], plain: frozenset[str] = frozenset()) -> str:
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in records:
-        groups.setdefault((group_of(r), r["stage"]), []).append(r)
+        if r["stage"] == "recover" and r["method"] in NOT_RECOVERED:
+            continue
+        groups.setdefault((group_of(r, plain), r["stage"]), []).append(r)
     lines = [
         "# Feature-space spacing of distilled sets against real images",
         "",
         "Per class, the sum of the H0 death times (minimum-spanning-tree edge lengths) of the set's features under",
         "its cell's teacher, divided by the same sum for random real subsets of the same size (mean over draws),",
         "then averaged over classes: below 1, the set's images sit closer together than real images do (RETA's",
-        "pull-to-anchor effect). `select` is the initial real patches, `recover` the recovered images. Mean ± std",
-        "over the seeds (n). Written by `python benchmarks/topology.py CELL...` (records in",
-        "docs/benchmarks/topology.json).",
+        "pull-to-anchor effect). `select` is the initial real patches, `recover` the recovered images (random and",
+        "RDED recover nothing: their rows are their selection). Cells under the grid's current names (`plain`: the",
+        "main tables' cells, including those made as a variant that became them). Mean ± std over the seeds (n).",
+        "Written by `python benchmarks/topology.py CELL...` (records in docs/benchmarks/topology.json).",
         "",
         "| variant, cell | stage | ratio to real | set sum | real sum | n |",
         "|---|---|---|---|---|---|",
@@ -141,7 +153,7 @@ def main() -> None:
             for r in new:
                 print(f"{r['cell']} {r['stage']}: ratio {r['ratio']:.3f} ({r['set_mst_sum']:.2f} / {r['real_mst_sum']:.2f})")
         RESULTS.write_text(json.dumps(records, indent=1) + "\n")
-    DOC.write_text(render(records))
+    DOC.write_text(render(records, renamed_variants()))
     print(f"wrote {DOC.relative_to(ROOT)}")
 
 

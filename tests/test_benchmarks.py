@@ -452,6 +452,24 @@ def test_grid_records_carry_the_baseline_a_variant_names():
     assert done.returncode == 2 and "--baseline needs --variant" in done.stderr
 
 
+def test_topology_table_names_cells_as_the_grid_does_now():
+    """A variant whose cells became the main tables (`renamed_from`) is shown as `plain`, like the plain folder;
+    random real images recover nothing, so they get one row, not a `recover` row copying their selection."""
+    from topology import render
+
+    def record(cell, method, stage, ratio):
+        return {"cell": cell, "method": method, "stage": stage, "ratio": ratio, "set_mst_sum": 1.0, "real_mst_sum": 1.0}
+
+    records = [
+        record("grid/variants/teacher-e6/sets/random-ipc10-s0", "random", "select", 0.99),
+        record("grid/variants/teacher-e6/sets/random-ipc10-s0", "random", "recover", 0.99),
+        record("grid/sets/fadrm-ipc10-s1", "fadrm", "recover", 0.95),
+        record("grid/variants/topology-5/sets/fadrm-ipc10-s0", "fadrm", "recover", 0.93),
+    ]
+    rows = [line.split(" | ")[:2] for line in render(records, frozenset({"teacher-e6"})).splitlines() if " | " in line][1:]
+    assert rows == [["| plain fadrm-ipc10", "recover"], ["| plain random-ipc10", "select"], ["| topology-5 fadrm-ipc10", "recover"]]
+
+
 def test_topology_spacing_compares_each_stage_with_one_real_reference(tiny_run):
     """benchmarks/topology.py on the tiny run: both stages against the same real subsets; a set of
     real images sits near ratio 1 (the tiny run's initial patches are real crops)."""
