@@ -193,10 +193,11 @@ def _param_value(value: Any) -> str:
 
 
 def fail_run(client, run_id: str, exc: BaseException) -> None:
-    """Close a run FAILED (KILLED for an interrupt) with the error as its `fadrm.error` tag."""
+    """Close a run FAILED, or KILLED when it was stopped (Ctrl-C, a signal), with the error as its `fadrm.error` tag."""
     message = f"{type(exc).__name__}: {exc}"[:5000]
     client.set_tag(run_id, "fadrm.error", message)
-    client.set_terminated(run_id, "FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED")
+    stopped = isinstance(exc, KeyboardInterrupt) or getattr(exc, "signal", None) is not None  # Prefect's signals
+    client.set_terminated(run_id, "KILLED" if stopped else "FAILED")
 
 
 # ----------------------------------------------------------------------------- opening a run

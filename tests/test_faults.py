@@ -298,10 +298,22 @@ def test_a_read_only_output_folder_is_one_message(tmp_path):
     assert "Traceback" not in output
 
 
-def test_an_interrupt_keeps_finished_work_and_says_so(tmp_path):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+@pytest.mark.parametrize(
+    ("signum", "code", "said", "local"),
+    [
+        (signal.SIGINT, 130, "interrupted", True),  # Ctrl-C
+        (signal.SIGTERM, 143, "stopped by SIGTERM", True),  # `timeout`, a scheduler, `kill`
+        # in a Prefect flow run, tracked: its MLflow runs end KILLED, not FAILED or RUNNING
+        pytest.param(signal.SIGTERM, 143, "stopped by SIGTERM", False, marks=pytest.mark.slow),
+    ],
+    ids=["ctrl-c", "sigterm", "sigterm-prefect-tracked"],
+)
+def test_an_interrupt_keeps_finished_work_and_says_so(tmp_path, signum, code, said, local):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": uri}
+    how = ["--local", *TINY] if local else ["--preset", "tiny"]
     proc = subprocess.Popen(
-        ["fadrm", "run", "--local", *TINY, "-S", f"out_dir={tmp_path / 'out'}"],
+        ["fadrm", "run", *how, "-S", f"out_dir={tmp_path / 'out'}"],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -316,12 +328,19 @@ def test_an_interrupt_keeps_finished_work_and_says_so(tmp_path):
     while not (tmp_path / "out" / ".squeeze.partial" / "0-convnet.ckpt").is_file():  # one epoch is finished work
         assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 130, output
-    assert "interrupted; finished work is kept and a rerun resumes" in output and "Traceback" not in output
+    assert proc.returncode == code, output
+    assert f"{said}; finished work is kept and a rerun resumes" in output and "Traceback" not in output
     assert (tmp_path / "out" / ".squeeze.partial" / "0-convnet.ckpt").is_file()
     assert not [p for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name]
+    if not local:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        statuses = {r.data.tags.get("fadrm.stage", "pipeline"): r.info.status for r in runs}
+        assert statuses == {"pipeline": "KILLED", "prepare": "FINISHED", "squeeze": "KILLED"}
 
 
 def test_the_catalogue_names_real_tests_and_has_at_least_40_entries():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -66,9 +67,8 @@ def guarded(func):
             raise
         except FadrmError as exc:
             _fail(exc, f"error: {exc}", exc.exit_code)
-        except KeyboardInterrupt:
-            typer.secho("interrupted; finished work is kept and a rerun resumes", fg=typer.colors.YELLOW, err=True)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            _stopped(exc)
         except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
             problem = storage_problem(exc, func.__name__, Path.cwd())
             if problem is not None:
@@ -81,6 +81,23 @@ def guarded(func):
             )
 
     return wrapper
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `timeout`, `kill`, torchrun stopping its workers): stop the way Ctrl-C does,
+    keeping finished work and closing the run's records, instead of dying mid-write."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated(signal.Signals(signum).name)
+
+
+def _stopped(exc: KeyboardInterrupt) -> None:
+    # in a Prefect flow run Prefect's own SIGTERM handler raises first, then re-sends the signal to ours
+    by_sigterm = isinstance(exc, Terminated)
+    what = "stopped by SIGTERM" if by_sigterm else "interrupted"
+    typer.secho(f"{what}; finished work is kept and a rerun resumes", fg=typer.colors.YELLOW, err=True)
+    raise typer.Exit(143 if by_sigterm else 130) from None
 
 
 def _fail(exc: BaseException, message: str, code: int) -> None:
@@ -96,4 +113,5 @@ def echo(message: str) -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    signal.signal(signal.SIGTERM, _terminated)
     sys.exit(app())
