@@ -343,6 +343,21 @@ def test_an_interrupt_keeps_finished_work_and_says_so(tmp_path, signum, code, sa
         assert statuses == {"pipeline": "KILLED", "prepare": "FINISHED", "squeeze": "KILLED"}
 
 
+@pytest.mark.parametrize(("torchrun", "default"), [(False, False), (True, True)], ids=["alone", "torchrun-worker"])
+def test_sigterm_is_left_to_torchrun_in_its_workers(torchrun, default):
+    """torchrun stops its workers itself (SIGTERM, then SIGKILL); a worker blocked in a collective would only raise
+    once the collective gave up, so under torchrun the CLI keeps the default SIGTERM (dies at once)."""
+    check = (
+        "import signal, sys, fadrm.cli.app; cli = sys.modules['fadrm.cli.app']; "
+        "cli.app = lambda: print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL); cli.main()"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}
+    if torchrun:
+        env["TORCHELASTIC_RUN_ID"] = "test"
+    done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True)
+    assert done.stdout.strip() == str(default), done.stderr[-2000:]
+
+
 def test_the_catalogue_names_real_tests_and_has_at_least_40_entries():
     text = (ROOT / "docs" / "faults.md").read_text()
     rows = [line for line in text.splitlines() if re.match(r"\| \d+ \|", line)]

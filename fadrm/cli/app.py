@@ -84,8 +84,8 @@ def guarded(func):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler, `timeout`, `kill`, torchrun stopping its workers): stop the way Ctrl-C does,
-    keeping finished work and closing the run's records, instead of dying mid-write."""
+    """SIGTERM (a scheduler, `timeout`, `kill`): stop the way Ctrl-C does, keeping finished work and closing
+    the run's records, instead of dying mid-write (not in torchrun's workers: see :func:`main`)."""
 
 
 def _terminated(signum, frame) -> None:
@@ -113,5 +113,7 @@ def echo(message: str) -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    signal.signal(signal.SIGTERM, _terminated)
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun stops its workers itself, SIGTERM then SIGKILL:
+        # a worker blocked in a collective would only see the exception once the collective gave up
+        signal.signal(signal.SIGTERM, _terminated)
     sys.exit(app())
