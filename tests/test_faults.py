@@ -298,6 +298,18 @@ def test_a_read_only_output_folder_is_one_message(tmp_path):
     assert "Traceback" not in output
 
 
+def _children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (Linux /proc; none elsewhere)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
 @pytest.mark.parametrize(
     ("signum", "code", "said", "local"),
     [
@@ -328,9 +340,14 @@ def test_an_interrupt_keeps_finished_work_and_says_so(tmp_path, signum, code, sa
     while not (tmp_path / "out" / ".squeeze.partial" / "0-convnet.ckpt").is_file():  # one epoch is finished work
         assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
         time.sleep(0.05)
+    children = _children(proc.pid)
+    if not local and sys.platform.startswith("linux"):
+        assert children, "no ephemeral Prefect server under the run"  # (was: left running after SIGTERM)
     proc.send_signal(signum)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == code, output
+    time.sleep(1)
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "a child process outlived the run"
     assert f"{said}; finished work is kept and a rerun resumes" in output and "Traceback" not in output
     assert (tmp_path / "out" / ".squeeze.partial" / "0-convnet.ckpt").is_file()
     assert not [p for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name]
