@@ -43,7 +43,7 @@ def _cell(values: list[float]) -> str:
     if not values:
         return "-"
     mean, std, n = _stats(values)
-    return f"{100 * mean:.2f} ± {100 * std:.2f} (n={n})"
+    return f"{100 * mean:.2f} ± {100 * std:.2f} (n={n})" if n > 1 else f"{100 * mean:.2f} (n=1, no spread yet)"
 
 
 def _by_seed(records: list[dict]) -> dict[tuple, dict[int, float]]:

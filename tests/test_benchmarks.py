@@ -48,6 +48,10 @@ def test_report_shows_mean_std_and_n(tmp_path):
     text = render(path, tmp_path / "benchmarks.md", {"convnet": {"top1": 0.82}}).read_text()
     assert "| fadrm | 57.00 ± 1.41 (n=2) | 42.00 ± 2.83 (n=2) | 48.2 | cpu |" in text
     assert "python benchmarks/grid.py run" in text and "IOR" in text
+    # one seed has no spread to show: not "± 0.00"
+    path.write_text(json.dumps([{**r, "device": "cpu", "command": "c"} for r in _records() if r["seed"] == 0]))
+    text = render(path, tmp_path / "benchmarks.md", {"convnet": {"top1": 0.82}}).read_text()
+    assert "| fadrm | 56.00 (n=1, no spread yet) | 40.00 (n=1, no spread yet) | 48.2 | cpu |" in text
 
 
 def test_figure_plots_top1_and_the_gain_over_random_of_the_same_seed():
