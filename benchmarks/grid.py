@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from grid_report import render  # noqa: E402
 
 from fadrm.config import Config, load_config  # noqa: E402
+from fadrm.errors import Terminated, raise_terminated  # noqa: E402
 from fadrm.io import read_json, write_json  # noqa: E402
 from fadrm.stage import Layout  # noqa: E402
 
@@ -321,7 +322,7 @@ def run(args) -> None:
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     context = multiprocessing.get_context("spawn")
     pool = futures.ProcessPoolExecutor(args.workers, mp_context=context, initializer=_init_worker, initargs=(threads,))
-    on_sigterm = signal.signal(signal.SIGTERM, _terminated)
+    on_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         # The costly sets (recovery) start first; a set's evaluations go before any set not yet started,
         # so results arrive set by set instead of after every set is made.
@@ -358,14 +359,6 @@ def run(args) -> None:
         client.log_artifact(parent, str(args.records))
         client.set_terminated(parent, "FINISHED")
     print(f"wrote {render(args.records, args.report, _teacher_figures(args))}")
-
-
-class Terminated(KeyboardInterrupt):
-    """The grid was sent SIGTERM (`kill`, `timeout`, a scheduler): stop like Ctrl-C does."""
-
-
-def _terminated(signum, frame) -> None:
-    raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
 
 
 def _stop_workers(pool: futures.ProcessPoolExecutor) -> None:

@@ -169,7 +169,7 @@ def _teachers_of(records: list[dict]) -> dict[str, dict]:
             for other, where in measured[arch].items()
             if other != top1 and any(sha in files for sha, _ in where)
         }
-        figures[arch] = {"top1": top1, "elsewhere": {k: v for k, v in sorted(elsewhere.items()) if v}}
+        figures[arch] = {"top1": top1, "elsewhere": dict(sorted(elsewhere.items()))}
     return figures
 
 

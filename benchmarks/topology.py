@@ -30,8 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "docs" / "benchmarks" / "topology.json"
 DOC = ROOT / "docs" / "topology.md"
+
+from fadrm.methods import METHODS  # noqa: E402
+
 GRID_RECORDS = ROOT / "docs" / "benchmarks" / "cifar10-cpu.json"
-NOT_RECOVERED = ("random", "rded")  # their `recover` output is their selection, measured once as `select`
 
 
 @torch.no_grad()
@@ -108,8 +110,8 @@ def group_of(record: dict, plain: frozenset[str] = frozenset()) -> str:
 def render(records: list[dict], plain: frozenset[str] = frozenset()) -> str:
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in records:
-        if r["stage"] == "recover" and r["method"] in NOT_RECOVERED:
-            continue
+        if r["stage"] == "recover" and r["method"] in METHODS and not METHODS[r["method"]].recover:
+            continue  # its `recover` output is its selection, measured once as `select`
         groups.setdefault((group_of(r, plain), r["stage"]), []).append(r)
     lines = [
         "# Feature-space spacing of distilled sets against real images",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,15 @@ class FadrmError(Exception):
     """Base class for errors caused by input, not by a bug."""
 
     exit_code = 2
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `timeout`, `kill`): stop the way Ctrl-C does, keeping finished work and closing
+    the run's records, instead of dying mid-write. Raised by :func:`raise_terminated` as a signal handler."""
+
+
+def raise_terminated(signum, frame) -> None:
+    raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
 
 
 class ConfigError(FadrmError):

@@ -11,6 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from grid_report import lrs, render, summarise  # noqa: E402
 
+from .conftest import proc_stat  # noqa: E402
+
 
 def test_label_robust_score_follows_dd_ranking():
     # a = 0.5 IOR - 0.5 HLR; LRS = (e^a - 1/e) / (e - 1/e): 0 at a = -1, 1 at a = 1
@@ -254,11 +256,8 @@ def test_grid_evaluates_a_made_set_before_making_the_next():
 
 def _process_state(pid: int) -> str | None:
     """The state letter of a Linux process (R, S, Z, ...), None once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[0]
+    fields = proc_stat(pid)
+    return fields[0] if fields else None
 
 
 GRID_POOL = """

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from fadrm.cli import app
 
-from .conftest import make_tree
+from .conftest import make_tree, proc_stat
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -300,14 +300,7 @@ def test_a_read_only_output_folder_is_one_message(tmp_path):
 
 def _children(pid: int) -> list[int]:
     """The live child processes of ``pid`` (Linux /proc; none elsewhere)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
+    return [int(p.name) for p in Path("/proc").glob("[0-9]*") if (proc_stat(int(p.name)) or [None, None])[1] == str(pid)]
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from fadrm.config import Config, load_config
-from fadrm.errors import FadrmError, storage_problem
+from fadrm.errors import FadrmError, Terminated, raise_terminated, storage_problem
 
 app = typer.Typer(
     name="fadrm",
@@ -83,15 +83,6 @@ def guarded(func):
     return wrapper
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler, `timeout`, `kill`): stop the way Ctrl-C does, keeping finished work and closing
-    the run's records, instead of dying mid-write (not in torchrun's workers: see :func:`main`)."""
-
-
-def _terminated(signum, frame) -> None:
-    raise Terminated(signal.Signals(signum).name)
-
-
 def _stopped(exc: KeyboardInterrupt) -> None:
     # in a Prefect flow run Prefect's own SIGTERM handler raises first, then re-sends the signal to ours
     by_sigterm = isinstance(exc, Terminated)
@@ -115,5 +106,5 @@ def main() -> None:
     """Console-script entry point."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun stops its workers itself, SIGTERM then SIGKILL:
         # a worker blocked in a collective would only see the exception once the collective gave up
-        signal.signal(signal.SIGTERM, _terminated)
+        signal.signal(signal.SIGTERM, raise_terminated)
     sys.exit(app())
