@@ -78,7 +78,7 @@ class LogLines:
         self.last = time.monotonic()
         pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         extra = "".join(f", {k}={v}" for k, v in self.postfix.items())
-        elapsed = time.strftime("%M:%S", time.gmtime(self.last - self.started))
+        elapsed = tqdm.format_interval(self.last - self.started)  # mm:ss, h:mm:ss from an hour on (as the bar)
         self.stream.write(f"{self.desc}: {self.n}/{self.total} {self.unit}{pct}, {elapsed} elapsed{extra}\n")
         self.stream.flush()
 

@@ -57,6 +57,17 @@ def test_log_lines_end_with_the_final_state(interval):
     assert "\r" not in out.getvalue()
 
 
+@pytest.mark.parametrize("seconds, shown", [(71, "01:11"), (3611, "1:00:11"), (90061, "25:01:01")])
+def test_log_lines_count_hours_past_the_first(monkeypatch, seconds, shown):
+    """A recovery of 1 h 0 min 11 s once read "00:11 elapsed": minutes wrapped at 60."""
+    clock = iter([1000.0, 1000.0 + seconds])
+    monkeypatch.setattr("fadrm.progress.time.monotonic", lambda: next(clock))
+    out = io.StringIO()
+    progress = LogLines(2, "recover", unit="step", stream=out)
+    progress.close()
+    assert out.getvalue() == f"recover: 0/2 step (0%), {shown} elapsed\n"
+
+
 def test_jobs_sharing_a_log_name_their_lines_at_their_own_interval(monkeypatch, capsys):
     """What a benchmark's worker processes set: a label per job, fewer lines (here: only the last)."""
     monkeypatch.setenv("FADRM_PROGRESS", "1")
