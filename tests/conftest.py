@@ -137,6 +137,6 @@ def proc_stat(pid: int) -> list[str] | None:
     """The fields of /proc/PID/stat after the command name (state, ppid, ...); None once the process is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
+    except OSError:  # gone (or vanishing) between the listing and the read
         return None
     return stat.rsplit(")", 1)[1].split()

@@ -300,7 +300,7 @@ def test_a_read_only_output_folder_is_one_message(tmp_path):
 
 def _children(pid: int) -> list[int]:
     """The live child processes of ``pid`` (Linux /proc; none elsewhere)."""
-    return [int(p.name) for p in Path("/proc").glob("[0-9]*") if (proc_stat(int(p.name)) or [None, None])[1] == str(pid)]
+    return [int(p.name) for p in Path("/proc").glob("[0-9]*") if (stat := proc_stat(int(p.name))) and stat[1] == str(pid)]
 
 
 @pytest.mark.parametrize(
