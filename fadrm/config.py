@@ -144,7 +144,11 @@ class RecoverConfig(Section):
     )
     iterations: int = Field(100, ge=0, description="per stage, when schedule is None (paper: 500)")
     lr: float = Field(0.05, gt=0, description="paper: 0.25; 0.05 keeps the real patch at 32 px (FADRM.md)")
-    alpha: float = Field(0.5, ge=0, le=1, description="residual merge weight of the optimised image")
+    alpha: float | tuple[float, ...] = Field(
+        0.5,
+        description="residual merge weight of the optimised image: one value for every merge, or a schedule of one "
+        "per merge (K - 1 values for K stages, first merge first), e.g. [0.7, 0.5, 0.3]",
+    )
     anchor: Literal["init", "nearest"] = Field(
         "init",
         description="what a merge pulls towards: the image's own real patch (FADRM), or the real patch of its "
@@ -180,6 +184,14 @@ class RecoverConfig(Section):
     )
     precision: Precision = "auto"
     log_every: int = Field(10, ge=1, description="record the loss every N iterations")
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, value: float | tuple[float, ...]):
+        for weight in value if isinstance(value, tuple) else (value,):
+            if not 0 <= weight <= 1:
+                raise ValueError(f"a merge weight is between 0 and 1, got {weight}")
+        return value
 
     @field_validator("schedule")
     @classmethod

@@ -488,3 +488,13 @@ def test_topology_spacing_compares_each_stage_with_one_real_reference(tiny_run):
     assert records[0]["real_mst_sum"] == records[1]["real_mst_sum"] > 0
     assert 0.3 < records[0]["ratio"] < 1.7
     assert "| 1 |" in render(records)
+
+
+def test_every_mutant_edits_text_the_package_still_has():
+    """benchmarks/mutants.py edits the package by exact text; a refactor that renames that text would make
+    the mutation run stop at that mutant (docs/mutants.md), so each original must still be there once."""
+    from mutants import MUTANTS, ROOT
+
+    assert len({m.name for m in MUTANTS}) == len(MUTANTS)
+    missing = [(m.name, (ROOT / m.file).read_text().count(m.old)) for m in MUTANTS]
+    assert [(name, n) for name, n in missing if n != 1] == []

@@ -49,6 +49,13 @@ def test_unknown_top_level_key_and_bad_type():
         load_config(None, overrides=["squeeze.epochs=abc"])
     with pytest.raises(ConfigError, match="'recover.alpha'"):
         load_config(None, overrides=["recover.alpha=1.5"])
+    with pytest.raises(ConfigError, match="'recover.alpha"):
+        load_config(None, overrides=["recover.alpha=[0.7, 1.5, 0.3]"])  # each weight of a schedule, too
+
+
+def test_recover_alpha_takes_one_weight_or_one_per_merge():
+    assert load_config(None, overrides=["recover.alpha=0.7"]).recover.alpha == 0.7
+    assert load_config(None, overrides=["recover.alpha=[0.7, 0.5, 0.3]"]).recover.alpha == (0.7, 0.5, 0.3)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fadrm.config import RecoverConfig
+from fadrm.errors import ConfigError
 from fadrm.losses import BNStatsLoss
+from fadrm.methods import METHODS
 from fadrm.stages import recover as recover_module
 from fadrm.stages.recover import Teacher, recover_batch
 
@@ -114,7 +116,8 @@ def reference(x_init, models, schedule, lr0, alpha, ce_weight, bn_weight, first_
             t += 1
         if k + 1 < len(schedule):
             nxt = schedule[k + 1][0]
-            x = alpha * resize(x, nxt) + (1 - alpha) * resize(x_init, nxt)
+            a = alpha[k] if isinstance(alpha, tuple) else alpha  # a schedule: one weight per merge
+            x = a * resize(x, nxt) + (1 - a) * resize(x_init, nxt)
     return x
 
 
@@ -123,6 +126,7 @@ CASES = {
     "four-stages": dict(schedule=((32, 3),) * 4, lr=0.1, alpha=0.5, ce_weight=1.0, bn_weight=0.02),
     "bn-only": dict(schedule=((32, 6), (32, 6)), lr=0.05, alpha=0.6, ce_weight=0.0, bn_weight=1.0),
     "ce-only": dict(schedule=((32, 6), (32, 6)), lr=0.05, alpha=0.6, ce_weight=1.0, bn_weight=0.0),
+    "alpha-schedule": dict(schedule=((32, 3),) * 4, lr=0.1, alpha=(0.9, 0.2, 0.6), ce_weight=1.0, bn_weight=0.02),
 }
 
 
@@ -171,6 +175,31 @@ def test_the_merge_moves_the_images_by_alpha(alpha):
     first, _ = run(x_init, RecoverConfig(schedule=((32, 5),), lr=0.3))
     merged, _ = run(x_init, RecoverConfig(schedule=((32, 5), (32, 0)), lr=0.3, alpha=alpha))
     torch.testing.assert_close(merged, alpha * first + (1 - alpha) * x_init, rtol=0, atol=1e-6)
+
+
+def test_an_alpha_schedule_gives_each_merge_its_own_weight():
+    """The k-th weight of ``recover.alpha: [...]`` is the k-th merge's: a merge with weight 0 resets the images to
+    their initialisation, so what the earlier merges did cannot show after it, and the later ones still can."""
+    x_init = images()
+    sched = ((32, 3),) * 4
+    last_resets, _ = run(x_init, RecoverConfig(schedule=sched, lr=0.3, alpha=(1.0, 1.0, 0.0)))
+    all_reset, _ = run(x_init, RecoverConfig(schedule=sched, lr=0.3, alpha=(0.0, 0.0, 0.0)))
+    first_resets, _ = run(x_init, RecoverConfig(schedule=sched, lr=0.3, alpha=(0.0, 1.0, 1.0)))
+    torch.testing.assert_close(last_resets, all_reset, rtol=0, atol=1e-6)
+    assert (first_resets - all_reset).abs().max() > 0.05
+    constant, _ = run(x_init, RecoverConfig(schedule=sched, lr=0.3, alpha=0.4))
+    listed, _ = run(x_init, RecoverConfig(schedule=sched, lr=0.3, alpha=(0.4, 0.4, 0.4)))
+    assert torch.equal(constant, listed)
+
+
+@pytest.mark.parametrize("alpha", [(0.5, 0.5), (0.5, 0.5, 0.5, 0.5), ()])
+def test_an_alpha_schedule_must_name_one_weight_per_merge(alpha):
+    rc = RecoverConfig(schedule=((32, 3),) * 4, alpha=alpha)
+    with pytest.raises(ConfigError, match=f"lists {len(alpha)} merge weights .* 4 stages, so 3 merges"):
+        recover_module.resolve_schedule(rc, 32, METHODS["fadrm"])
+    with pytest.raises(ConfigError, match="merge weights"):
+        run(images(), rc)
+    assert recover_module.resolve_schedule(rc, 32, METHODS["sre2l"]) == ((32, 12),)  # no merges: nothing to weigh
 
 
 def test_the_merge_resizes_the_initialisation_to_the_next_resolution():

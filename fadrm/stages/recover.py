@@ -10,7 +10,9 @@ f_0..f_{M-1} and a schedule ((r_1, B_1), ..., (r_K, B_K)), T = sum B_k::
             L  = ce_weight CE(f_m(x~), y) + lambda_bn sum_l w_l (|mu_l - mu^_l|_2 + |var_l - var^_l|_2)
                  [+ topology_weight * TopologyLoss(features of f_m(x~), per class)   (off by default)]
             step; clamp x to the valid pixel range
-        if k < K:  x <- alpha resize(x, r_{k+1}) + (1 - alpha) resize(P, r_{k+1})     (residual merge)
+        if k < K:  x <- a_k resize(x, r_{k+1}) + (1 - a_k) resize(P, r_{k+1})     (residual merge)
+
+with a_k = alpha for every merge (FADRM), or the k-th entry of a schedule ``recover.alpha: [a_1, ...]``.
 
 Batches are independent and seeded by their index, so finished batches are kept in
 ``<out>/.recover.partial`` and a rerun (after a crash or Ctrl-C) resumes from them.
@@ -191,7 +193,21 @@ def resolve_schedule(rc: RecoverConfig, resolution: int, spec: MethodSpec) -> Sc
         )
     if spec.single_resolution:
         schedule = ((resolution, sum(iters for _, iters in schedule)),)
+    elif spec.merges:
+        merge_alphas(rc.alpha, len(schedule))
     return schedule
+
+
+def merge_alphas(alpha: float | tuple[float, ...], stages: int) -> tuple[float, ...]:
+    """The weight of each of the ``stages - 1`` merges: one value for all, or a schedule of exactly that many."""
+    if not isinstance(alpha, tuple):
+        return (alpha,) * (stages - 1)
+    if len(alpha) != stages - 1:
+        raise ConfigError(
+            f"recover.alpha lists {len(alpha)} merge weights but the schedule has {stages} stages, so {stages - 1} "
+            "merges; give one value per merge, or a single value for all"
+        )
+    return alpha
 
 
 @dataclass
@@ -241,6 +257,7 @@ def recover_batch(
     who = ", ".join((names or [])[:8])
     hint = f"lower recover.lr (now {rc.lr:g})"
     starts = np.cumsum([0] + [iters for _, iters in schedule])
+    alphas = merge_alphas(rc.alpha, len(schedule)) if merges else ()
 
     def at(s: int) -> str:
         k = int(np.searchsorted(starts, s, side="right")) - 1
@@ -308,7 +325,7 @@ def recover_batch(
             nxt = schedule[k + 1][0]
             with torch.no_grad():
                 anchor = x_init if anchors is None else nearest_anchor(x, anchors)
-                merged = residual_merge(x, anchor, rc.alpha, nxt) if merges else resize(x, nxt)
+                merged = residual_merge(x, anchor, alphas[k], nxt) if merges else resize(x, nxt)
             x = merged.detach().clone().requires_grad_(True)
     return x.detach(), log
 
