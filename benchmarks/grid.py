@@ -189,6 +189,7 @@ def make_set(args, method: str, ipc: int, seed: int) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - start, 1),
         "recover_s_per_image": recover.get("s_per_image"),
         "recover_psnr": recover.get("psnr_vs_init"),
+        "recover_batch_seconds": recover.get("batch_seconds"),
         "teachers": read_json(Layout.of(cfg).metrics("squeeze"))["teachers"],
         "device": _device_name(cfg),
     }
@@ -235,6 +236,7 @@ def evaluate_set(args, method: str, ipc: int, seed: int, student: str, labels: s
         "set_seconds": made["seconds"],
         "recover_s_per_image": made["recover_s_per_image"],
         "recover_psnr": made["recover_psnr"],
+        "recover_batch_seconds": made.get("recover_batch_seconds"),  # sets made before 2026-11-28 lack it
         "teachers": made["teachers"],
         # which teacher files, not only how good: the weights behind a record can be told apart (and found)
         "teacher_sha256": read_json(Layout.of(cfg).metrics("squeeze")).get("teacher_sha256"),

@@ -46,6 +46,10 @@ def test_one_or_four_shards_give_the_same_bytes(tiny_copy):
     assert not layout.stage("recover").exists()  # a shard publishes nothing
     assembled = recover(cfg)
     assert assembled["recovered_images"] == 0  # every batch came from the shards
+    # each batch's time is kept with it and reported by the assembly, in batch order
+    assert len(one["batch_seconds"]) == len(assembled["batch_seconds"]) == 4
+    assert all(s > 0 for s in assembled["batch_seconds"])
+    assert sum(assembled["batch_seconds"]) == pytest.approx(assembled["resumed_seconds"], abs=0.01)
     assert digest(layout.stage("recover")) == whole
     assert not layout.partial("recover").exists()
 

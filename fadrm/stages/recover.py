@@ -92,6 +92,8 @@ def recover(cfg: Config, tracker: Tracker = NULL_TRACKER) -> dict:
             run.resumed_seconds += resumed  # batches finished before an interruption still count
             owned = sum(len(plan.batches[b]) for b in plan.owned)
             stats = {**plan.stats(), **stats, "s_per_image": round((plan.busy + resumed) / owned, 4) if owned else None}
+            # each batch's own seconds, wherever and whenever it ran: a slow machine or a crowded one shows here
+            stats["batch_seconds"] = [round(plan.batch_seconds[b], 3) for b in range(len(plan.batches))]
         else:
             images, loss_rows, stats = init, [], {"iterations": 0, "s_per_image": 0.0}
         entries = [
