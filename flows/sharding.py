@@ -46,7 +46,8 @@ def parse_address(address: str) -> tuple[str | None, int | None]:
 def task_runner(address: str, api_url: str | None = None) -> DaskTaskRunner:
     """The runner for ``address``. A local cluster's workers get ``api_url`` (the flow's Prefect API)
     so that their task runs land on the flow's server -- without it each worker process would start a
-    temporary server of its own -- and log only errors (not the nanny's shutdown chatter)."""
+    temporary server of its own -- and log only errors (not the nanny's shutdown chatter), less the
+    one a closing worker logs about its own heartbeat (:mod:`flows.dask_worker`)."""
     scheduler, workers = parse_address(address)
     if scheduler is not None:
         return DaskTaskRunner(address=scheduler)
@@ -56,6 +57,7 @@ def task_runner(address: str, api_url: str | None = None) -> DaskTaskRunner:
         "processes": True,
         "dashboard_address": None,
         "silence_logs": logging.ERROR,
+        "preload": ["flows.dask_worker"],  # no shutdown-race traceback from a closing worker
     }
     if api_url:
         kwargs["env"] = {"PREFECT_API_URL": api_url}
