@@ -17,8 +17,11 @@ A *set* (method, IPC, seed) is selected, recovered and relabelled once; each (se
 labels) is one *evaluation*: soft labels (the protocol) and hard labels (for DD-Ranking's
 hard-label recovery). Each finished piece is a folder with a `done.json`, so a rerun skips it,
 and every evaluation is a record in docs/benchmarks/cifar10-cpu.json (a JSON list: method, ipc,
-seed, student, labels, top1 as a fraction, ...). With tracking on, the run is one MLflow parent
-run with a child run per evaluation. `--workers N` evaluates N cells at once (processes).
+seed, student, labels, top1 as a fraction, ...; `code` and `set_code`: the git commit the student's
+and the set's code came from, `+changes` when the checkout's code differed from it). A grid's
+workers keep the code they imported for the whole run: when the checkout moves meanwhile, the grid
+says so. With tracking on, the run is one MLflow parent run with a child run per evaluation.
+`--workers N` evaluates N cells at once (processes).
 Stopped early (Ctrl-C, SIGTERM), the grid ends the cells in progress at once and closes its runs
 KILLED (FAILED on an error), keeping the records made so far; a grid killed outright has its runs
 closed KILLED by the next one on the host.
@@ -36,6 +39,7 @@ import platform
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -53,6 +57,7 @@ from fadrm.config import Config, load_config  # noqa: E402
 from fadrm.errors import Terminated, raise_terminated  # noqa: E402
 from fadrm.io import read_json, write_json  # noqa: E402
 from fadrm.stage import Layout  # noqa: E402
+from fadrm.tracking import git_commit  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 OUT = ROOT / "outputs" / "bench" / "grid"
@@ -69,6 +74,34 @@ SET_STAGES = ("squeeze", "select", "recover", "relabel")
 # relative cost of making a set: the recovering methods first, so they are not the tail of a run
 WORKER_PROGRESS_INTERVAL = 300  # seconds between two progress lines of one worker in the grid's log
 SET_COST = {"fadrm+": 3, "fadrm": 2, "sre2l": 2, "rded": 1, "random": 0}
+CODE_PATHS = ("fadrm", "flows", "benchmarks")  # what a set and its evaluation run
+
+
+def code_version(root: Path = ROOT) -> str | None:
+    """The commit this code was read from, ``+changes`` when its code differs from that commit; None
+    outside a git checkout."""
+    commit = git_commit(root)
+    if commit is None:
+        return None
+    status = ["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS]
+    changed = subprocess.run(status, cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    return commit + ("+changes" if changed else "")
+
+
+# Read once, when the module is imported: a grid's worker processes keep the code they imported for
+# the whole run, whatever the checkout becomes meanwhile; their records say which code made them.
+CODE = code_version()
+
+
+def checkout_moved(started: str | None, root: Path = ROOT) -> str | None:
+    """A note when the checkout no longer holds the code this grid started with, else None."""
+    now = code_version(root)
+    if now == started:
+        return None
+    return (
+        f"note: the checkout is now at {now}, but this grid's workers still run {started} (as their records "
+        "say): stop and rerun the grid to measure the new code"
+    )
 
 
 def base_config(args, out: Path, *overrides: str) -> Config:
@@ -192,6 +225,7 @@ def make_set(args, method: str, ipc: int, seed: int) -> dict[str, Any]:
         "recover_batch_seconds": recover.get("batch_seconds"),
         "teachers": read_json(Layout.of(cfg).metrics("squeeze"))["teachers"],
         "device": _device_name(cfg),
+        "code": CODE,
     }
     write_json(out / "done.json", done)
     return done
@@ -244,6 +278,8 @@ def evaluate_set(args, method: str, ipc: int, seed: int, student: str, labels: s
         "set_device": made["device"],
         "epochs": cfg.evaluate.epochs,
         "torch": torch.__version__,
+        "code": CODE,  # the commit (+changes) of the code that trained and tested the student
+        "set_code": made.get("code"),  # and of the code that made the set (sets made before 2026-11-28 lack it)
     }
     write_json(out / "done.json", record)
     return record
@@ -325,6 +361,7 @@ def run(args) -> None:
     context = multiprocessing.get_context("spawn")
     pool = futures.ProcessPoolExecutor(args.workers, mp_context=context, initializer=_init_worker, initargs=(threads,))
     on_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
+    moved = None
     try:
         # The costly sets (recovery) start first; a set's evaluations go before any set not yet started,
         # so results arrive set by set instead of after every set is made.
@@ -338,6 +375,8 @@ def run(args) -> None:
             if not pending:
                 break
             finished, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+            if moved is None and (moved := checkout_moved(CODE)):
+                print(moved, flush=True)
             for done in finished:
                 if pending.pop(done) == "set":
                     made = done.result()

@@ -358,12 +358,19 @@ def render(records_path: Path, md_path: Path, teachers: dict[str, dict]) -> Path
     return md_path
 
 
+def _short(code: str) -> str:
+    commit, plus, changes = code.partition("+")
+    return commit[:12] + plus + changes
+
+
 def _provenance(records: list[dict]) -> list[str]:
     if not records:
         return ["No records yet: run `python benchmarks/grid.py run`."]
     devices = sorted({r.get("device", "?") for r in records} | {r.get("set_device", "?") for r in records})
     commands = sorted({r.get("command", "?") for r in records})
     torch_versions = sorted({r.get("torch", "?") for r in records})
+    codes = sorted({_short(c) for r in records for c in (r.get("code"), r.get("set_code")) if c})
+    unnamed = sum(not r.get("code") for r in records)
     evaluate_hours = sum(r.get("evaluate_seconds", 0) for r in records) / 3600
     sets = {(r.get("variant"), r["method"], r["ipc"], r["seed"]): r.get("set_seconds", 0) for r in records}
     set_hours = sum(sets.values()) / 3600
@@ -374,6 +381,16 @@ def _provenance(records: list[dict]) -> list[str]:
         f"{set_hours:.1f} h and student training and testing {evaluate_hours:.1f} h, summed over processes "
         "(several run at once on one machine: `--workers`).",
         "- Machines: " + "; ".join(devices) + ". torch " + ", ".join(torch_versions) + ".",
+        *(
+            [
+                "- Code (the commit each set and student ran from; `+changes`: the code differed from it): "
+                + ", ".join(codes)
+                + (f"; {unnamed} records made before 2026-11-28 name none" if unnamed else "")
+                + "."
+            ]
+            if codes
+            else []
+        ),
         "- Commands:",
         *(f"  - `{c}`" for c in commands),
         "- The paper column is not this protocol: published ResNet-18 students of ResNet-18 teachers "

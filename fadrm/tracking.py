@@ -108,9 +108,10 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         Path(uri.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
 
-def git_commit() -> str | None:
+def git_commit(cwd: Path | None = None) -> str | None:
+    """HEAD of the git checkout at ``cwd`` (the working directory by default); None outside one."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None

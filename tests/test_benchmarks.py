@@ -103,6 +103,20 @@ def test_report_names_the_machines_of_each_row(tmp_path):
     text = render(path, tmp_path / "benchmarks.md", {}).read_text()
     assert "| 48.2 | NVIDIA H200, cpu x2 |" in next(x for x in text.splitlines() if x.startswith("| fadrm |"))
     assert next(x for x in text.splitlines() if x.startswith("| fadrm+ |")).endswith("| 55.9 | cpu x2 |")
+    assert "- Code" not in text  # no record names its code
+
+
+def test_report_names_the_code_of_the_records_that_have_it(tmp_path):
+    import json
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    records = _records()
+    records[0] = {**records[0], "code": commit, "set_code": commit + "+changes"}
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(records))
+    text = render(path, tmp_path / "benchmarks.md", {}).read_text()
+    line = next(x for x in text.splitlines() if x.startswith("- Code"))
+    assert line.endswith(f": 0123456789ab, 0123456789ab+changes; {len(records) - 1} records made before 2026-11-28 name none.")
 
 
 def test_over_random_is_paired_by_seed():
@@ -435,9 +449,43 @@ def test_grid_records_plain_and_variant_cells_and_skips_them_on_a_rerun(tmp_path
     ]
     teacher = (tmp_path / "grid/teachers/convnet/squeeze/0-convnet.safetensors").read_bytes()
     assert [r["teacher_sha256"] for r in rows] == [{"0-convnet": hashlib.sha256(teacher).hexdigest()}] * 2
+    from grid import code_version
+
+    assert [(r["code"], r["set_code"]) for r in rows] == [(code_version(),) * 2] * 2
     stage = json.loads((tmp_path / "grid/variants/a07/sets/fadrm-ipc1-s0/recover/stage.json").read_text())
     assert '"alpha": 0.7' in json.dumps(stage)
     assert "| a07 | 1 | fadrm |" in (tmp_path / "b.md").read_text()
+
+
+def test_grid_records_name_the_code_and_see_the_checkout_move(tmp_path):
+    """Each record names the commit its code came from (``+changes`` when the code differs from it), and a
+    grid whose checkout moves under it says that its workers still run the code they started with."""
+    import subprocess
+
+    from grid import checkout_moved, code_version
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+
+    assert code_version(tmp_path) is None  # not a checkout
+    git("init", "-q")
+    (tmp_path / "fadrm").mkdir()
+    (tmp_path / "fadrm" / "recover.py").write_text("alpha = 0.5\n")
+    (tmp_path / "README.md").write_text("prose\n")
+    git("add", "-A")
+    git("commit", "-qm", "first")
+    first = git("rev-parse", "HEAD")
+    assert code_version(tmp_path) == first
+    (tmp_path / "README.md").write_text("more prose\n")  # not code
+    (tmp_path / "fadrm" / "new.py").write_text("")  # untracked: not imported by anything committed
+    assert code_version(tmp_path) == first
+    assert checkout_moved(first, tmp_path) is None
+    (tmp_path / "fadrm" / "recover.py").write_text("alpha = 0.7\n")
+    assert code_version(tmp_path) == f"{first}+changes"
+    git("commit", "-qam", "second")
+    second = git("rev-parse", "HEAD")
+    note = checkout_moved(first, tmp_path)
+    assert f"now at {second}" in note and f"still run {first}" in note
 
 
 def test_grid_records_carry_the_baseline_a_variant_names():
