@@ -385,6 +385,43 @@ def test_a_grid_stopped_mid_cell_closes_its_mlflow_runs(tmp_path):
     assert not client.search_runs(experiments, "attributes.status = 'RUNNING'")
 
 
+@pytest.mark.slow
+def test_a_grid_stopped_during_recovery_resumes_the_set_on_the_next_run(tmp_path):
+    """An IPC 50 set takes an hour or more on CPUs: a grid stopped during its recovery must not start the set
+    over on its next run; the recovery batches finished before the stop are kept and counted."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "FADRM_PROGRESS": "0"}
+    args = [*_toy_grid(tmp_path), "--no-track", "-S", "recover.batch_size=2", "-S", "recover.iterations=60"]
+    assert subprocess.run([sys.executable, "benchmarks/grid.py", "teachers", *args], cwd=root, env=env).returncode == 0
+    partial = tmp_path / "grid" / "sets" / "fadrm-ipc1-s0" / ".recover.partial"
+    command = [sys.executable, "benchmarks/grid.py", "run", *args]
+    grid = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(partial.glob("*/batch-*.pt")) and time.monotonic() < deadline and grid.poll() is None:
+            time.sleep(0.2)
+        grid.send_signal(signal.SIGTERM)
+        out, _ = grid.communicate(timeout=120)
+    finally:
+        grid.kill()
+    assert grid.returncode == 143, out[-2000:]
+    kept = sorted(p.name for p in partial.glob("*/batch-*.pt"))
+    assert kept and len(kept) < 5, kept  # stopped part-way: some of the 5 batches finished, not all
+
+    again = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    recover = json.loads((tmp_path / "grid" / "sets" / "fadrm-ipc1-s0" / "metrics" / "recover.json").read_text())
+    assert recover["resumed_seconds"] > 0  # the kept batches were used, not remade
+    assert len(recover["batch_seconds"]) == 5 and all(s > 0 for s in recover["batch_seconds"])
+    (record,) = json.loads((tmp_path / "records.json").read_text())
+    assert record["set_seconds"] >= recover["seconds"] >= sum(recover["batch_seconds"]) - 0.1
+
+
 def test_the_next_grid_closes_the_runs_of_one_killed_outright(tmp_path, monkeypatch):
     """A grid killed with SIGKILL cannot close its parent run: the next grid on this host marks it KILLED."""
     import argparse
