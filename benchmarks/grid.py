@@ -281,7 +281,7 @@ def evaluate_set(args, method: str, ipc: int, seed: int, student: str, labels: s
         "epochs": cfg.evaluate.epochs,
         "torch": torch.__version__,
         "code": CODE,  # the commit (+changes) of the code that trained and tested the student
-        "set_code": made.get("code"),  # and of the code that made the set (sets made before 2026-11-28 lack it)
+        "set_code": made.get("code"),  # and of the code that made the set (sets made before the field existed lack it)
     }
     write_json(out / "done.json", record)
     return record

@@ -385,7 +385,7 @@ def _provenance(records: list[dict]) -> list[str]:
             [
                 "- Code (the commit each set and student ran from; `+changes`: the code differed from it): "
                 + ", ".join(codes)
-                + (f"; {unnamed} records made before 2026-11-28 name none" if unnamed else "")
+                + (f"; {unnamed} records made before the field existed name none" if unnamed else "")
                 + "."
             ]
             if codes
