@@ -214,18 +214,18 @@ def make_set(args, method: str, ipc: int, seed: int) -> dict[str, Any]:
     cfg = base_config(args, out, f"method={method}", f"ipc={ipc}", f"seed={seed}", teachers_override(args, method))
     for stage in SET_STAGES:
         STAGES[stage](cfg)
-    layout = Layout.of(cfg)
-    recover = read_json(layout.metrics("recover"))
+    metrics = {stage: read_json(Layout.of(cfg).metrics(stage)) for stage in SET_STAGES}
+    recover = metrics["recover"]
     done = {
         "method": method,
         "ipc": ipc,
         "seed": seed,
         # each stage's own time, including work finished before an interruption that this run resumed
-        "seconds": round(sum(read_json(layout.metrics(stage))["seconds"] for stage in SET_STAGES), 1),
+        "seconds": round(sum(m["seconds"] for m in metrics.values()), 1),
         "recover_s_per_image": recover.get("s_per_image"),
         "recover_psnr": recover.get("psnr_vs_init"),
         "recover_batch_seconds": recover.get("batch_seconds"),
-        "teachers": read_json(Layout.of(cfg).metrics("squeeze"))["teachers"],
+        "teachers": metrics["squeeze"]["teachers"],
         "device": _device_name(cfg),
         "code": CODE,
     }
